@@ -1,0 +1,1093 @@
+//! The block store: volumes of 4 KiB blocks written redirect-on-write to data files,
+//! indexed in rocksdb.
+//!
+//! A write goes to freshly allocated slots first; only when the data is in the file
+//! does one rocksdb batch switch the index entries to the new slots, so a block reads
+//! as its old or its new version, never a mix. The slots the index stopped using are
+//! reused only after the next [`Store::sync`], so a durable index entry never points at
+//! a slot that was overwritten. See `slots.rs` for the life of a slot.
+//!
+//! Durability (see `design/DURABILITY.md`): rocksdb writes go to its WAL without a
+//! sync; `sync` first fdatasyncs every data file written since the previous sync and
+//! then syncs the WAL, so a synced index entry always points at synced data. A process
+//! kill loses nothing that completed (the page cache survives it). A power cut loses
+//! what was not synced; a block written after the last sync may then read as
+//! [`StoreError::Corrupt`] if its index entry reached the disk and its data did not,
+//! which the writer repairs from another copy.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBRawIterator, Options,
+    ReadOptions, WriteBatch, WriteOptions,
+};
+
+use crate::block::{BLOCK_BYTES, Block, BlockMeta, BlockWrite, Extent, VolumeId};
+use crate::datafile::DataFile;
+use crate::error::StoreError;
+use crate::index::{self, INDEX_CF, IndexEntry, META_CF};
+use crate::slots::{self, SlotMap, SlotRun};
+use crate::uring::{IoPart, MAX_PART_BLOCKS, Ring};
+
+/// Most blocks one `write_blocks` or `read_blocks` call may carry (32 MiB).
+pub const MAX_BLOCKS_PER_IO: usize = 8192;
+
+/// Index entries a discard removes per rocksdb batch; bounds the memory and the time the
+/// volume's commit lock is held for a discard of a whole disk.
+const DISCARD_BATCH: u64 = 16384;
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Try O_DIRECT for data files; fall back to buffered I/O if the filesystem
+    /// refuses it (EINVAL).
+    pub direct_io: bool,
+    /// Submission queue entries of the io_uring (in-flight I/O beyond this waits).
+    pub ring_entries: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions {
+            direct_io: true,
+            ring_entries: 256,
+        }
+    }
+}
+
+/// One volume: its data file, slot map and live block count.
+#[derive(Debug)]
+struct Volume {
+    id: VolumeId,
+    file: DataFile,
+    slots: Mutex<SlotMap>,
+    /// Serialises index commits of the volume (their version checks read, compare and
+    /// write) with each other and with deletion; holds whether the volume was deleted.
+    commit: Mutex<bool>,
+    /// Blocks with an index entry.
+    live: AtomicU64,
+}
+
+/// Slots allocated to a write and not yet committed to the index. They are freed when
+/// this is dropped — which, when it travels with an I/O, only happens once the I/O has
+/// completed, so a slot is never handed out while an abandoned write to it is running.
+#[derive(Debug)]
+struct Reservation {
+    volume: Arc<Volume>,
+    runs: Vec<SlotRun>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.runs.is_empty() {
+            self.volume.slots.lock().release_unused(&self.runs);
+        }
+    }
+}
+
+/// Registration of a read with its volume's slot map, so that slots it may have looked
+/// up are not reused while it runs.
+struct ReadPin<'a> {
+    volume: &'a Volume,
+    epoch: u64,
+}
+
+impl<'a> ReadPin<'a> {
+    fn new(volume: &'a Volume) -> ReadPin<'a> {
+        let epoch = volume.slots.lock().begin_read();
+        ReadPin { volume, epoch }
+    }
+}
+
+impl Drop for ReadPin<'_> {
+    fn drop(&mut self) {
+        self.volume.slots.lock().end_read(self.epoch);
+    }
+}
+
+/// Blocks read back, one element per block of the range.
+type ReadResult = Vec<Option<(BlockMeta, Box<Block>)>>;
+
+/// The durable local block store of a storage node. `Send + Sync`; share it behind an
+/// `Arc`.
+pub struct Store {
+    /// Declared first so it is dropped first: in-flight I/O completes before the rest
+    /// of the store goes away.
+    ring: Ring,
+    db: DB,
+    data_dir: PathBuf,
+    options: StoreOptions,
+    volumes: RwLock<HashMap<VolumeId, Arc<Volume>>>,
+    /// Serialises volume creation and deletion.
+    catalog: Mutex<()>,
+    write_options: WriteOptions,
+    /// Serialises syncs; `syncs_started` / `last_good_sync` let a waiting sync return
+    /// at once when a sync that began after it was called has succeeded.
+    sync_lock: tokio::sync::Mutex<()>,
+    syncs_started: AtomicU64,
+    last_good_sync: AtomicU64,
+    /// Set when a data file or WAL sync failed: the store refuses further writes and
+    /// syncs (the node must be rebuilt; a failed fsync cannot be retried).
+    failure: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .field("volumes", &self.volumes.read().len())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn data_file_name(vol: VolumeId) -> String {
+    format!("{vol:016x}.dat")
+}
+
+fn parse_data_file_name(name: &str) -> Option<VolumeId> {
+    let hex = name.strip_suffix(".dat")?;
+    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Byte offset of a slot.
+fn slot_offset(slot: u64) -> Result<u64, StoreError> {
+    slot.checked_mul(BLOCK_BYTES).ok_or(StoreError::NoSpace)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io("syncing the data directory", e))
+}
+
+fn rocksdb_options() -> (Options, Options, Options) {
+    let mut db = Options::default();
+    db.create_if_missing(true);
+    db.create_missing_column_families(true);
+    db.set_max_background_jobs(2);
+    db.set_keep_log_file_num(4);
+    db.set_max_log_file_size(16 << 20);
+
+    let cache = Cache::new_lru_cache(64 << 20);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    let mut index_cf = Options::default();
+    index_cf.set_block_based_table_factory(&table);
+    index_cf.set_write_buffer_size(64 << 20);
+
+    let meta_cf = Options::default();
+    (db, index_cf, meta_cf)
+}
+
+/// Index entries of one volume seen while scanning the index at open.
+struct VolumeScan {
+    file_slots: u64,
+    /// One bit per slot of the file.
+    referenced: Vec<u64>,
+    /// Referenced slots past the end of the file (lost data; the reads fail their
+    /// checksum), kept so the slots are never allocated to another block.
+    beyond: BTreeSet<u64>,
+    live: u64,
+    duplicates: u64,
+    malformed: u64,
+}
+
+impl VolumeScan {
+    fn new(file_slots: u64) -> VolumeScan {
+        let words = usize::try_from(file_slots.div_ceil(64)).unwrap_or(usize::MAX);
+        VolumeScan {
+            file_slots,
+            referenced: vec![0; words],
+            beyond: BTreeSet::new(),
+            live: 0,
+            duplicates: 0,
+            malformed: 0,
+        }
+    }
+
+    fn add(&mut self, value: &[u8]) {
+        self.live += 1;
+        let Some(entry) = IndexEntry::decode(value) else {
+            self.malformed += 1;
+            return;
+        };
+        let slot = entry.slot;
+        let fresh = if slot < self.file_slots {
+            let word = usize::try_from(slot / 64).unwrap_or(usize::MAX);
+            let bit = 1u64 << (slot % 64);
+            match self.referenced.get_mut(word) {
+                Some(w) => {
+                    let fresh = *w & bit == 0;
+                    *w |= bit;
+                    fresh
+                }
+                None => false,
+            }
+        } else if slot < slots::MAX_SLOTS {
+            self.beyond.insert(slot)
+        } else {
+            self.malformed += 1;
+            return;
+        };
+        if !fresh {
+            self.duplicates += 1;
+        }
+    }
+
+    fn referenced_slots(&self) -> impl Iterator<Item = u64> + '_ {
+        let in_file = self.referenced.iter().enumerate().flat_map(|(i, &word)| {
+            let base = u64::try_from(i).unwrap_or(u64::MAX).saturating_mul(64);
+            (0..64u64)
+                .filter(move |bit| word & (1u64 << bit) != 0)
+                .map(move |bit| base + bit)
+        });
+        in_file.chain(self.beyond.iter().copied())
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`: the rocksdb index in `dir/index`,
+    /// data files in `dir/data`. Rebuilds every volume's free slots from its index and
+    /// cuts off unreferenced slots at the end of each data file.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        let data_dir = dir.join("data");
+        fs::create_dir_all(&data_dir)
+            .map_err(|e| StoreError::io("creating the store directory", e))?;
+        let (db_options, index_options, meta_options) = rocksdb_options();
+        let db = DB::open_cf_descriptors(
+            &db_options,
+            dir.join("index"),
+            [
+                ColumnFamilyDescriptor::new(INDEX_CF, index_options),
+                ColumnFamilyDescriptor::new(META_CF, meta_options),
+            ],
+        )?;
+        let ring = Ring::start(opts.ring_entries)
+            .map_err(|e| StoreError::io("starting the io_uring worker", e))?;
+
+        let mut files = HashMap::new();
+        let entries =
+            fs::read_dir(&data_dir).map_err(|e| StoreError::io("listing data files", e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("listing data files", e))?;
+            let name = entry.file_name();
+            let Some(vol) = name.to_str().and_then(parse_data_file_name) else {
+                tracing::warn!(file = ?name, "ignoring unknown file in the data directory");
+                continue;
+            };
+            let file = DataFile::open(&entry.path(), opts.direct_io)
+                .map_err(|e| StoreError::io("opening a data file", e))?;
+            files.insert(vol, file);
+        }
+
+        let mut store = Store {
+            ring,
+            db,
+            data_dir,
+            options: opts,
+            volumes: RwLock::new(HashMap::new()),
+            catalog: Mutex::new(()),
+            write_options: WriteOptions::default(),
+            sync_lock: tokio::sync::Mutex::new(()),
+            syncs_started: AtomicU64::new(0),
+            last_good_sync: AtomicU64::new(0),
+            failure: Mutex::new(None),
+        };
+        store.load_volumes(files)?;
+        Ok(store)
+    }
+
+    /// Scans the whole index once, in key order (volume by volume), rebuilding each
+    /// volume's slot map, and removes index entries of volumes without a data file
+    /// (left by a crash during `delete_volume`).
+    fn load_volumes(&mut self, mut files: HashMap<VolumeId, DataFile>) -> Result<(), StoreError> {
+        let mut scans: HashMap<VolumeId, VolumeScan> = HashMap::new();
+        for (&vol, file) in &files {
+            let slots = file
+                .slots()
+                .map_err(|e| StoreError::io("reading a data file's size", e))?;
+            scans.insert(vol, VolumeScan::new(slots));
+        }
+        let mut orphans = BTreeSet::new();
+        let mut bad_keys = 0u64;
+        {
+            let cf = self.cf(INDEX_CF)?;
+            let mut iter = self.db.raw_iterator_cf(cf);
+            iter.seek_to_first();
+            while iter.valid() {
+                let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                    break;
+                };
+                match index::decode_key(key) {
+                    None => bad_keys += 1,
+                    Some((vol, _)) => match scans.get_mut(&vol) {
+                        Some(scan) => scan.add(value),
+                        None => {
+                            orphans.insert(vol);
+                        }
+                    },
+                }
+                iter.next();
+            }
+            iter.status()?;
+        }
+        if bad_keys > 0 {
+            tracing::error!(bad_keys, "index holds keys of the wrong length; ignored");
+        }
+        for vol in orphans {
+            tracing::warn!(
+                volume = format_args!("{vol:016x}"),
+                "removing index entries of a volume without a data file"
+            );
+            self.delete_index_range(vol)?;
+        }
+
+        let mut volumes = HashMap::new();
+        for (vol, file) in files.drain() {
+            let Some(scan) = scans.remove(&vol) else {
+                continue;
+            };
+            if scan.duplicates > 0 || scan.malformed > 0 || !scan.beyond.is_empty() {
+                tracing::error!(
+                    volume = format_args!("{vol:016x}"),
+                    duplicates = scan.duplicates,
+                    malformed = scan.malformed,
+                    past_end_of_file = scan.beyond.len(),
+                    "index entries that do not match the data file; their reads will fail"
+                );
+            }
+            let map = SlotMap::rebuild(scan.referenced_slots());
+            if map.len() < scan.file_slots {
+                file.truncate(map.len())
+                    .map_err(|e| StoreError::io("truncating a data file", e))?;
+            }
+            tracing::debug!(
+                volume = format_args!("{vol:016x}"),
+                live = scan.live,
+                slots = map.len(),
+                free = map.free_count(),
+                direct = file.is_direct(),
+                "volume loaded"
+            );
+            volumes.insert(
+                vol,
+                Arc::new(Volume {
+                    id: vol,
+                    file,
+                    slots: Mutex::new(map),
+                    commit: Mutex::new(false),
+                    live: AtomicU64::new(scan.live),
+                }),
+            );
+        }
+        *self.volumes.write() = volumes;
+        Ok(())
+    }
+
+    fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| StoreError::Failed(format!("column family {name} missing")))
+    }
+
+    fn volume(&self, vol: VolumeId) -> Result<Arc<Volume>, StoreError> {
+        self.volumes
+            .read()
+            .get(&vol)
+            .cloned()
+            .ok_or(StoreError::NoSuchVolume(vol))
+    }
+
+    fn check_healthy(&self) -> Result<(), StoreError> {
+        match &*self.failure.lock() {
+            None => Ok(()),
+            Some(why) => Err(StoreError::Failed(format!("store has failed: {why}"))),
+        }
+    }
+
+    fn fail(&self, why: String) {
+        tracing::error!(%why, "block store failed; refusing further writes");
+        self.failure.lock().get_or_insert(why);
+    }
+
+    /// Creates an empty volume.
+    pub fn create_volume(&self, vol: VolumeId) -> Result<(), StoreError> {
+        let _catalog = self.catalog.lock();
+        if self.volumes.read().contains_key(&vol) {
+            return Err(StoreError::VolumeExists(vol));
+        }
+        let file = match DataFile::create(&self.data_file_path(vol), self.options.direct_io) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::VolumeExists(vol));
+            }
+            Err(e) => return Err(StoreError::io("creating a data file", e)),
+        };
+        sync_dir(&self.data_dir)?;
+        let volume = Volume {
+            id: vol,
+            file,
+            slots: Mutex::new(SlotMap::default()),
+            commit: Mutex::new(false),
+            live: AtomicU64::new(0),
+        };
+        self.volumes.write().insert(vol, Arc::new(volume));
+        Ok(())
+    }
+
+    /// Deletes a volume: its data file, then its index entries. A crash in between
+    /// leaves index entries without a file, which the next `open` removes.
+    pub fn delete_volume(&self, vol: VolumeId) -> Result<(), StoreError> {
+        let _catalog = self.catalog.lock();
+        let volume = self.volume(vol)?;
+        let mut deleted = volume.commit.lock();
+        match fs::remove_file(self.data_file_path(vol)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("removing a data file", e)),
+        }
+        *deleted = true;
+        self.volumes.write().remove(&vol);
+        sync_dir(&self.data_dir)?;
+        self.delete_index_range(vol)
+    }
+
+    fn delete_index_range(&self, vol: VolumeId) -> Result<(), StoreError> {
+        let cf = self.cf(INDEX_CF)?;
+        let mut batch = WriteBatch::default();
+        match index::volume_end(vol) {
+            Some(end) => batch.delete_range_cf(cf, index::key(vol, 0), end),
+            None => {
+                batch.delete_range_cf(cf, index::key(vol, 0), index::key(vol, u64::MAX));
+                batch.delete_cf(cf, index::key(vol, u64::MAX));
+            }
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch, &options)?;
+        Ok(())
+    }
+
+    /// Volumes on this store, sorted.
+    pub fn volumes(&self) -> Vec<VolumeId> {
+        let mut vols: Vec<VolumeId> = self.volumes.read().keys().copied().collect();
+        vols.sort_unstable();
+        vols
+    }
+
+    /// Writes ciphertext blocks; all index changes land in one atomic batch after the
+    /// data is written. A write whose version is not newer than the stored one is
+    /// skipped. Each block's CRC is checked against its data before anything is written.
+    pub async fn write_blocks(
+        &self,
+        vol: VolumeId,
+        writes: Vec<BlockWrite>,
+    ) -> Result<(), StoreError> {
+        self.check_healthy()?;
+        let volume = self.volume(vol)?;
+        if writes.is_empty() {
+            return Ok(());
+        }
+        if writes.len() > MAX_BLOCKS_PER_IO {
+            return Err(StoreError::Failed(format!(
+                "{} blocks in one write (at most {MAX_BLOCKS_PER_IO})",
+                writes.len()
+            )));
+        }
+        for write in &writes {
+            let crc = write.data.crc();
+            if crc != write.meta.crc {
+                return Err(StoreError::Failed(format!(
+                    "block {} of volume {vol:016x}: data has crc {crc:08x}, metadata says {:08x}",
+                    write.block, write.meta.crc
+                )));
+            }
+        }
+        let writes = newest_per_block(writes);
+        let count = u64::try_from(writes.len()).map_err(|_| StoreError::NoSpace)?;
+        let runs = volume
+            .slots
+            .lock()
+            .allocate(count)
+            .ok_or(StoreError::NoSpace)?;
+        let reservation = Reservation {
+            volume: Arc::clone(&volume),
+            runs: runs.clone(),
+        };
+
+        // Blocks go to the reserved slots in order, one part per run of slots.
+        let fd = volume.file.fd();
+        let mut placed = Vec::with_capacity(writes.len());
+        let mut parts = Vec::new();
+        let mut writes = writes.into_iter();
+        for run in &runs {
+            let mut slot = run.start;
+            while slot < run.end() {
+                let mut bufs = Vec::new();
+                let first = slot;
+                while slot < run.end() && bufs.len() < MAX_PART_BLOCKS {
+                    let Some(write) = writes.next() else {
+                        return Err(StoreError::Failed("slot allocation mismatch".to_owned()));
+                    };
+                    placed.push((write.block, write.meta, slot));
+                    bufs.push(write.data);
+                    slot += 1;
+                }
+                parts.push(IoPart::write(Arc::clone(&fd), slot_offset(first)?, bufs));
+            }
+        }
+        let (parts, reservation) = volume.file.run(&self.ring, parts, reservation).await?;
+        for part in parts {
+            part.result
+                .map_err(|e| StoreError::io("writing block data", e))?;
+        }
+        // Before the index points at the new data, so the next sync covers it.
+        volume.file.mark_dirty();
+        self.commit_writes(&volume, &placed, reservation)
+    }
+
+    /// Switches the index to the newly written slots in one batch, skipping writes that
+    /// are not newer than what is stored.
+    fn commit_writes(
+        &self,
+        volume: &Volume,
+        placed: &[(u64, BlockMeta, u64)],
+        mut reservation: Reservation,
+    ) -> Result<(), StoreError> {
+        let cf = self.cf(INDEX_CF)?;
+        let deleted = volume.commit.lock();
+        if *deleted {
+            return Err(StoreError::NoSuchVolume(volume.id));
+        }
+        let keys: Vec<[u8; index::KEY_LEN]> = placed
+            .iter()
+            .map(|&(block, _, _)| index::key(volume.id, block))
+            .collect();
+        // Keys are sorted: `newest_per_block` sorts the writes by block.
+        let olds = self.db.batched_multi_get_cf(cf, keys.iter(), true);
+        let mut batch = WriteBatch::default();
+        let mut freed = Vec::new();
+        let mut skipped = Vec::new();
+        let mut added = 0u64;
+        for ((&(block, meta, slot), key), old) in placed.iter().zip(&keys).zip(olds) {
+            match old? {
+                None => added += 1,
+                Some(value) => match IndexEntry::decode(&value) {
+                    Some(old) if old.meta.version >= meta.version => {
+                        skipped.push(slot);
+                        continue;
+                    }
+                    Some(old) => freed.push(old.slot),
+                    None => {
+                        // Overwriting repairs the entry; its old slot is unknown and
+                        // stays out of use until the next open rebuilds the free set.
+                        tracing::error!(
+                            volume = format_args!("{:016x}", volume.id),
+                            block,
+                            "malformed index entry overwritten"
+                        );
+                    }
+                },
+            }
+            batch.put_cf(cf, key, IndexEntry { slot, meta }.encode());
+        }
+        if !batch.is_empty() {
+            self.db.write_opt(batch, &self.write_options)?;
+        }
+        volume.live.fetch_add(added, Ordering::Relaxed);
+        let mut slots = volume.slots.lock();
+        slots.free_after_sync(freed);
+        slots.release_unused(&slots::into_runs(skipped));
+        // Every reserved slot is now either referenced by the index or free again.
+        reservation.runs.clear();
+        drop(slots);
+        drop(deleted);
+        Ok(())
+    }
+
+    /// Reads one block; `None` when it is not allocated. Data that fails its checksum
+    /// is [`StoreError::Corrupt`].
+    pub async fn read_block(
+        &self,
+        vol: VolumeId,
+        block: u64,
+    ) -> Result<Option<(BlockMeta, Box<Block>)>, StoreError> {
+        let volume = self.volume(vol)?;
+        let pin = ReadPin::new(&volume);
+        let cf = self.cf(INDEX_CF)?;
+        let Some(value) = self.db.get_pinned_cf(cf, index::key(vol, block))? else {
+            return Ok(None);
+        };
+        let entry = decode_entry(vol, block, &value)?;
+        drop(value);
+        let mut found = self
+            .read_entries(&volume, 1, block, vec![(block, entry)])
+            .await?;
+        drop(pin);
+        Ok(found.pop().flatten())
+    }
+
+    /// Reads a range of blocks (at most [`MAX_BLOCKS_PER_IO`]) as one io_uring batch;
+    /// one element per block, `None` for unallocated ones. Any block failing its
+    /// checksum fails the whole read with [`StoreError::Corrupt`].
+    pub async fn read_blocks(
+        &self,
+        vol: VolumeId,
+        blocks: Range<u64>,
+    ) -> Result<Vec<Option<(BlockMeta, Box<Block>)>>, StoreError> {
+        let volume = self.volume(vol)?;
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = usize::try_from(blocks.end - blocks.start)
+            .ok()
+            .filter(|&n| n <= MAX_BLOCKS_PER_IO)
+            .ok_or_else(|| {
+                StoreError::Failed(format!(
+                    "read of {} blocks (at most {MAX_BLOCKS_PER_IO})",
+                    blocks.end - blocks.start
+                ))
+            })?;
+        let pin = ReadPin::new(&volume);
+        let mut entries = Vec::new();
+        self.scan_index(vol, blocks.clone(), |block, value| {
+            entries.push((block, decode_entry(vol, block, value)?));
+            Ok(true)
+        })?;
+        let result = self
+            .read_entries(&volume, count, blocks.start, entries)
+            .await;
+        drop(pin);
+        result
+    }
+
+    /// Reads the data of `entries` (sorted by block, all within `count` blocks from
+    /// `first`) and checks each block's checksum.
+    async fn read_entries(
+        &self,
+        volume: &Volume,
+        count: usize,
+        first: u64,
+        entries: Vec<(u64, IndexEntry)>,
+    ) -> Result<ReadResult, StoreError> {
+        let mut out: ReadResult = Vec::with_capacity(count);
+        out.resize_with(count, || None);
+        if entries.is_empty() {
+            return Ok(out);
+        }
+        // Blocks whose slots follow each other share one part.
+        let fd = volume.file.fd();
+        let mut parts = Vec::new();
+        let mut owners: Vec<Vec<(u64, BlockMeta)>> = Vec::new();
+        let mut next_slot = None;
+        for (block, entry) in entries {
+            let extend = next_slot == Some(entry.slot)
+                && owners.last().is_some_and(|o| o.len() < MAX_PART_BLOCKS);
+            match (extend, owners.last_mut(), parts.last_mut()) {
+                (true, Some(owner), Some(part)) => {
+                    owner.push((block, entry.meta));
+                    let part: &mut IoPart = part;
+                    part.bufs.push(Block::zeroed());
+                }
+                _ => {
+                    owners.push(vec![(block, entry.meta)]);
+                    parts.push(IoPart::read(
+                        Arc::clone(&fd),
+                        slot_offset(entry.slot)?,
+                        vec![Block::zeroed()],
+                    ));
+                }
+            }
+            next_slot = entry.slot.checked_add(1);
+        }
+        let (parts, ()) = volume.file.run(&self.ring, parts, ()).await?;
+        for (part, owner) in parts.into_iter().zip(owners) {
+            part.result
+                .map_err(|e| StoreError::io("reading block data", e))?;
+            for (data, (block, meta)) in part.bufs.into_iter().zip(owner) {
+                if data.crc() != meta.crc {
+                    tracing::error!(
+                        volume = format_args!("{:016x}", volume.id),
+                        block,
+                        version = meta.version,
+                        "block data fails its checksum"
+                    );
+                    return Err(StoreError::Corrupt {
+                        volume: volume.id,
+                        block,
+                    });
+                }
+                let index = usize::try_from(block - first)
+                    .ok()
+                    .and_then(|i| out.get_mut(i));
+                if let Some(slot) = index {
+                    *slot = Some((meta, data));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Index entry only, no data read.
+    pub fn block_meta(&self, vol: VolumeId, block: u64) -> Result<Option<BlockMeta>, StoreError> {
+        self.volume(vol)?;
+        let cf = self.cf(INDEX_CF)?;
+        match self.db.get_pinned_cf(cf, index::key(vol, block))? {
+            None => Ok(None),
+            Some(value) => Ok(Some(decode_entry(vol, block, &value)?.meta)),
+        }
+    }
+
+    /// Removes the index entries in `blocks`; their slots are reused (and their space
+    /// punched out of the file) after the next sync. Large ranges are removed in
+    /// batches of bounded size; each block is removed atomically.
+    pub async fn discard_blocks(
+        &self,
+        vol: VolumeId,
+        blocks: Range<u64>,
+    ) -> Result<(), StoreError> {
+        self.check_healthy()?;
+        let volume = self.volume(vol)?;
+        let cf = self.cf(INDEX_CF)?;
+        let mut cursor = blocks.start;
+        while cursor < blocks.end {
+            // The commit lock is a parking_lot guard: scope it so it is never held
+            // across the await below (the future must stay Send).
+            let next = {
+                let deleted = volume.commit.lock();
+                if *deleted {
+                    return Err(StoreError::NoSuchVolume(vol));
+                }
+                let mut batch = WriteBatch::default();
+                let mut freed = Vec::new();
+                let mut removed = 0u64;
+                let mut next = blocks.end;
+                self.scan_index(vol, cursor..blocks.end, |block, value| {
+                    if removed >= DISCARD_BATCH {
+                        next = block;
+                        return Ok(false);
+                    }
+                    batch.delete_cf(cf, index::key(vol, block));
+                    removed += 1;
+                    match IndexEntry::decode(value) {
+                        Some(entry) => freed.push(entry.slot),
+                        None => tracing::error!(
+                            volume = format_args!("{vol:016x}"),
+                            block,
+                            "discarding a malformed index entry"
+                        ),
+                    }
+                    Ok(true)
+                })?;
+                if !batch.is_empty() {
+                    self.db.write_opt(batch, &self.write_options)?;
+                }
+                volume.live.fetch_sub(removed, Ordering::Relaxed);
+                volume.slots.lock().free_after_sync(freed);
+                drop(deleted);
+                next
+            };
+            cursor = next;
+            if cursor < blocks.end {
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every write and discard completed before the call durable: fdatasync of
+    /// every data file written since the previous sync, then a sync of the rocksdb WAL.
+    /// Then slots freed before the call become reusable, their space given back to the
+    /// filesystem. A failed sync fails the store (it refuses writes from then on).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.check_healthy()?;
+        let called_after = self.syncs_started.load(Ordering::Acquire);
+        let _serial = self.sync_lock.lock().await;
+        if self.last_good_sync.load(Ordering::Acquire) > called_after {
+            // A sync that started after this call has finished: it covered everything.
+            return Ok(());
+        }
+        self.check_healthy()?;
+        let id = self.syncs_started.fetch_add(1, Ordering::AcqRel) + 1;
+        self.sync_serialised().await?;
+        self.last_good_sync.store(id, Ordering::Release);
+        Ok(())
+    }
+
+    async fn sync_serialised(&self) -> Result<(), StoreError> {
+        let volumes: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
+        // Slots freed by index changes made so far; those changes are in the WAL that
+        // is synced below.
+        let mut taken = Vec::with_capacity(volumes.len());
+        let mut parts = Vec::new();
+        for volume in &volumes {
+            let freed = volume.slots.lock().take_freed();
+            if volume.file.take_dirty() {
+                parts.push(IoPart::data_sync(volume.file.fd()));
+            }
+            taken.push(freed);
+        }
+        let restore = |taken: Vec<Vec<u64>>| {
+            for (volume, freed) in volumes.iter().zip(taken) {
+                volume.slots.lock().untake_freed(freed);
+            }
+        };
+        if !parts.is_empty() {
+            let synced = self.ring.run(parts, ()).await;
+            let failure = match synced {
+                Err(e) => Some(e),
+                Ok((parts, ())) => parts.into_iter().find_map(|p| p.result.err()),
+            };
+            if let Some(e) = failure {
+                restore(taken);
+                self.fail(format!("fdatasync of a data file failed: {e}"));
+                return Err(StoreError::io("syncing data files", e));
+            }
+        }
+        if let Err(e) = self.db.flush_wal(true) {
+            restore(taken);
+            self.fail(format!("syncing the rocksdb WAL failed: {e}"));
+            return Err(StoreError::Index(e));
+        }
+        for (volume, freed) in volumes.iter().zip(taken) {
+            volume.slots.lock().retire(freed);
+        }
+        self.reclaim(&volumes).await;
+        Ok(())
+    }
+
+    /// Gives the space of reclaimable slots back to the filesystem — truncating the
+    /// file when they are at its end, punching holes otherwise — and then frees them.
+    async fn reclaim(&self, volumes: &[Arc<Volume>]) {
+        let mut parts = Vec::new();
+        let mut punched = Vec::new();
+        for volume in volumes {
+            let plan = {
+                let mut slots = volume.slots.lock();
+                let plan = slots.plan_reclaim();
+                if let Some(len) = plan.truncate_to {
+                    // Under the lock: no slot past `len` can be allocated (and written)
+                    // before the file is cut.
+                    match volume.file.truncate(len) {
+                        Ok(()) => slots.truncated(len),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "truncating a data file");
+                            slots.release_unused(&plan.tail);
+                        }
+                    }
+                }
+                plan
+            };
+            if plan.punch.is_empty() {
+                continue;
+            }
+            let fd = volume.file.fd();
+            for run in &plan.punch {
+                if let (Ok(offset), Ok(len)) = (slot_offset(run.start), slot_offset(run.len)) {
+                    parts.push(IoPart::punch_hole(Arc::clone(&fd), offset, len));
+                }
+            }
+            // Freed when dropped, which is after the punches have completed.
+            punched.push(Reservation {
+                volume: Arc::clone(volume),
+                runs: plan.punch,
+            });
+        }
+        if parts.is_empty() {
+            return;
+        }
+        match self.ring.run(parts, punched).await {
+            Ok((parts, _punched)) => {
+                for part in parts {
+                    if let Err(e) = part.result
+                        && e.raw_os_error() != Some(libc::EOPNOTSUPP)
+                    {
+                        tracing::warn!(error = %e, "punching a hole in a data file");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "punching holes in data files"),
+        }
+    }
+
+    /// Allocated (live) blocks of a volume. O(1).
+    pub fn allocated_blocks(&self, vol: VolumeId) -> Result<u64, StoreError> {
+        Ok(self.volume(vol)?.live.load(Ordering::Relaxed))
+    }
+
+    /// Allocation map of a block range, merged into runs of allocated and unallocated
+    /// blocks covering the whole range.
+    pub fn extents(&self, vol: VolumeId, blocks: Range<u64>) -> Result<Vec<Extent>, StoreError> {
+        self.volume(vol)?;
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut push = |start: u64, count: u64, allocated: bool| match extents.last_mut() {
+            Some(last) if last.allocated == allocated && last.start + last.count == start => {
+                last.count += count;
+            }
+            _ => extents.push(Extent {
+                start,
+                count,
+                allocated,
+            }),
+        };
+        let mut cursor = blocks.start;
+        self.scan_index(vol, blocks.clone(), |block, _| {
+            if block > cursor {
+                push(cursor, block - cursor, false);
+            }
+            push(block, 1, true);
+            cursor = block + 1;
+            Ok(true)
+        })?;
+        if cursor < blocks.end {
+            push(cursor, blocks.end - cursor, false);
+        }
+        Ok(extents)
+    }
+
+    /// Calls `f(block, value)` for every index entry of `vol` in `blocks`, in block
+    /// order, until it returns `Ok(false)`.
+    fn scan_index(
+        &self,
+        vol: VolumeId,
+        blocks: Range<u64>,
+        mut f: impl FnMut(u64, &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let cf = self.cf(INDEX_CF)?;
+        let mut options = ReadOptions::default();
+        options.set_iterate_upper_bound(index::key(vol, blocks.end).to_vec());
+        let mut iter: DBRawIterator<'_> = self.db.raw_iterator_cf_opt(cf, options);
+        iter.seek(index::key(vol, blocks.start));
+        while iter.valid() {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            let Some((key_vol, block)) = index::decode_key(key) else {
+                return Err(StoreError::Failed(
+                    "index key of the wrong length".to_owned(),
+                ));
+            };
+            if key_vol != vol || !blocks.contains(&block) {
+                break;
+            }
+            if !f(block, value)? {
+                return Ok(());
+            }
+            iter.next();
+        }
+        iter.status()?;
+        Ok(())
+    }
+
+    /// Stores a small metadata record (the node's catalog) in its own column family.
+    /// With `sync`, returns once the WAL holding it is on disk.
+    pub fn put_meta(&self, key: &str, value: &[u8], sync: bool) -> Result<(), StoreError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        self.db
+            .put_cf_opt(self.cf(META_CF)?, key, value, &options)?;
+        Ok(())
+    }
+
+    /// Reads a metadata record.
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(META_CF)?, key)?)
+    }
+
+    /// Deletes a metadata record (absent is fine).
+    pub fn delete_meta(&self, key: &str, sync: bool) -> Result<(), StoreError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        self.db.delete_cf_opt(self.cf(META_CF)?, key, &options)?;
+        Ok(())
+    }
+
+    /// Every metadata record whose key starts with `prefix`, sorted by key.
+    pub fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut iter = self.db.raw_iterator_cf(self.cf(META_CF)?);
+        iter.seek(prefix);
+        let mut records = Vec::new();
+        while iter.valid() {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let key = std::str::from_utf8(key)
+                .map_err(|_| StoreError::Failed("metadata key is not UTF-8".to_owned()))?;
+            records.push((key.to_owned(), value.to_vec()));
+            iter.next();
+        }
+        iter.status()?;
+        Ok(records)
+    }
+
+    /// Path of a volume's data file (tests look for plaintext in it).
+    pub fn data_file_path(&self, vol: VolumeId) -> PathBuf {
+        self.data_dir.join(data_file_name(vol))
+    }
+}
+
+fn decode_entry(vol: VolumeId, block: u64, value: &[u8]) -> Result<IndexEntry, StoreError> {
+    IndexEntry::decode(value).ok_or_else(|| {
+        tracing::error!(
+            volume = format_args!("{vol:016x}"),
+            block,
+            len = value.len(),
+            "malformed index entry"
+        );
+        StoreError::Corrupt { volume: vol, block }
+    })
+}
+
+/// Sorts writes by block and keeps one per block: the highest version, the first of
+/// equal ones (the later would be skipped as not newer).
+fn newest_per_block(mut writes: Vec<BlockWrite>) -> Vec<BlockWrite> {
+    writes.sort_by_key(|w| (w.block, std::cmp::Reverse(w.meta.version)));
+    writes.dedup_by_key(|w| w.block);
+    writes
+}
+
+#[cfg(test)]
+impl Store {
+    /// Slot holding a block's data, for tests of slot reuse.
+    pub(crate) fn slot_of(&self, vol: VolumeId, block: u64) -> Option<u64> {
+        let cf = self.cf(INDEX_CF).ok()?;
+        let value = self.db.get_cf(cf, index::key(vol, block)).ok()??;
+        IndexEntry::decode(&value).map(|e| e.slot)
+    }
+
+    /// Whether a slot of a volume is free (reusable now).
+    pub(crate) fn slot_is_free(&self, vol: VolumeId, slot: u64) -> bool {
+        self.volume(vol)
+            .map(|v| v.slots.lock().is_free(slot))
+            .unwrap_or(false)
+    }
+
+    /// Writes a raw value into the index, for tests of malformed entries.
+    pub(crate) fn put_raw_index(&self, vol: VolumeId, block: u64, value: &[u8]) {
+        if let Ok(cf) = self.cf(INDEX_CF) {
+            let _ = self.db.put_cf(cf, index::key(vol, block), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests, and end-to-end tests that drive
+# the real trireme binary with real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy,
+# nbdsh, fio).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+scripts/install-deps.sh
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --release --workspace --all-targets -- -D warnings
+echo "== build"
+cargo build --release --workspace --all-targets
+echo "== tests"
+# One test binary at a time keeps the end-to-end tests' node processes and ports apart.
+cargo test --release --workspace -- --test-threads="${TEST_THREADS:-2}"

@@ -1,0 +1,167 @@
+//! The `trireme` CLI against a real dev cluster: the exact command forms users' scripts
+//! rely on, and one clear error line for each kind of mistake.
+
+use trireme_tests::{DevCluster, ok, trireme_bin};
+
+#[test]
+fn dev_cluster_lifecycle_and_status_json() {
+    let c = DevCluster::start();
+    let status: serde_json::Value =
+        serde_json::from_str(&c.ok(&["dev", "status", "--json"])).unwrap();
+    let node = &status["nodes"][0];
+    assert_eq!(node["name"], "node1");
+    assert_eq!(node["datacenter"], "dc1");
+    assert_eq!(node["nbd"], format!("127.0.0.1:{}", c.port));
+    let pid = node["pid"].as_u64().expect("running node has a pid");
+
+    // `dev up` again leaves a running node alone.
+    let again = c.ok(&["dev", "up"]);
+    assert!(again.contains("already running"), "{again}");
+    assert_eq!(c.node_pid(), Some(u32::try_from(pid).unwrap()));
+
+    // A killed node is restarted by `dev up`, and keeps its volumes.
+    c.create_volume("keep", "64M");
+    c.kill9();
+    c.ok(&["dev", "up"]);
+    assert_ne!(c.node_pid(), Some(u32::try_from(pid).unwrap()));
+    assert_eq!(c.volume_info("keep")["size"], 64 << 20);
+
+    let down = c.ok(&["dev", "down"]);
+    assert!(down.contains("node1 stopped"), "{down}");
+    let text = c.ok(&["dev", "status"]);
+    assert!(text.contains("stopped"), "{text}");
+    let err = c.fails(&["volume", "list"]);
+    assert!(err.contains("node not running"), "{err}");
+}
+
+#[test]
+fn volume_and_tenant_commands() {
+    let c = DevCluster::start();
+    let out = c.ok(&["volume", "create", "vol1", "--size", "1G"]);
+    assert!(out.contains("created volume vol1"), "{out}");
+    let info = c.volume_info("vol1");
+    assert_eq!(info["size"], 1u64 << 30);
+    assert_eq!(info["class"], "local");
+    assert_eq!(info["tenant"], "default");
+    assert_eq!(info["allocated_bytes"], 0);
+    assert_eq!(info["chunk_size"], 4 << 20);
+
+    c.ok(&["tenant", "create", "acme"]);
+    c.ok(&[
+        "volume",
+        "create",
+        "acme-disk",
+        "--size",
+        "10M",
+        "--tenant",
+        "acme",
+        "--class",
+        "local",
+    ]);
+    let list: serde_json::Value =
+        serde_json::from_str(&c.ok(&["volume", "list", "--json"])).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["acme-disk", "vol1"]);
+    let table = c.ok(&["volume", "list"]);
+    assert!(
+        table.contains("acme-disk") && table.contains("1.0 GiB"),
+        "{table}"
+    );
+
+    c.ok(&["volume", "resize", "vol1", "--size", "2G"]);
+    assert_eq!(c.volume_info("vol1")["size"], 2u64 << 30);
+    let err = c.fails(&["volume", "resize", "vol1", "--size", "1G"]);
+    assert!(
+        err.contains("shrinking") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    for (args, needle) in [
+        (
+            &["volume", "create", "vol1", "--size", "1G"][..],
+            "already exists",
+        ),
+        (&["volume", "create", "v2", "--size", "lots"], "bad size"),
+        (
+            &["volume", "create", "v2", "--size", "1000"],
+            "multiple of 512",
+        ),
+        (
+            &[
+                "volume", "create", "v2", "--size", "1G", "--tenant", "nobody",
+            ],
+            "no such tenant",
+        ),
+        (
+            &["volume", "create", "v2", "--size", "1G", "--class", "gold"],
+            "unknown storage class",
+        ),
+        (&["volume", "info", "nope"], "no such volume"),
+        (&["volume", "delete", "nope"], "no such volume"),
+        (&["tenant", "create", "acme"], "already exists"),
+        (&["tenant", "delete", "nobody"], "no such tenant"),
+    ] {
+        let err = c.fails(args);
+        assert!(
+            err.contains(needle),
+            "trireme {args:?}: expected {needle:?} in {err:?}"
+        );
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "one line for {args:?}: {err:?}"
+        );
+    }
+
+    let out = c.ok(&["tenant", "delete", "acme"]);
+    assert!(out.contains("acme-disk"), "{out}");
+    c.fails(&["volume", "info", "acme-disk"]);
+    let tenants = c.ok(&["tenant", "list"]);
+    assert!(!tenants.contains("acme"), "{tenants}");
+    c.ok(&["volume", "delete", "vol1"]);
+    c.fails(&["volume", "info", "vol1"]);
+}
+
+#[test]
+fn every_command_has_help() {
+    let bin = trireme_bin();
+    for args in [
+        &["--help"][..],
+        &["dev", "--help"],
+        &["dev", "up", "--help"],
+        &["dev", "status", "--help"],
+        &["dev", "down", "--help"],
+        &["node", "run", "--help"],
+        &["volume", "--help"],
+        &["volume", "create", "--help"],
+        &["volume", "list", "--help"],
+        &["volume", "info", "--help"],
+        &["volume", "resize", "--help"],
+        &["volume", "delete", "--help"],
+        &["tenant", "create", "--help"],
+        &["tenant", "list", "--help"],
+        &["tenant", "delete", "--help"],
+    ] {
+        let out = ok(std::process::Command::new(&bin).args(args));
+        assert!(out.contains("Usage:"), "{args:?}: {out}");
+    }
+}
+
+#[test]
+fn commands_without_a_cluster_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(trireme_bin())
+        .arg("--cluster")
+        .arg(dir.path().join("none"))
+        .args(["volume", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no cluster at"), "{err}");
+}

@@ -1,0 +1,188 @@
+//! The node's admin API: HTTP + JSON on loopback, used by the `trireme` CLI.
+//!
+//! ```text
+//! GET    /v1/health                  {"node", "datacenter", "pid"}
+//! GET    /v1/volumes                 [VolumeInfo]
+//! POST   /v1/volumes                 {"name","size","tenant"?,"class"?,"chunk_size"?} -> VolumeInfo
+//! GET    /v1/volumes/{name}          VolumeInfo
+//! POST   /v1/volumes/{name}/resize   {"size"} -> VolumeInfo
+//! DELETE /v1/volumes/{name}
+//! GET    /v1/tenants                 [TenantInfo]
+//! POST   /v1/tenants                 {"name"} -> TenantInfo
+//! DELETE /v1/tenants/{name}          {"deleted_volumes": [...]}
+//! ```
+//! Errors are `{"error": "one line"}` with 400 (invalid), 404 (unknown name),
+//! 409 (name taken), 501 (not available here) or 500.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use engine::{Engine, EngineError, StorageClass, VolumeSpec};
+use serde::Deserialize;
+use serde_json::json;
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// The node's engine.
+    pub engine: Arc<Engine>,
+    /// Node name.
+    pub node: String,
+    /// Datacenter label.
+    pub datacenter: String,
+}
+
+/// An engine error as an HTTP answer.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let status = match &e {
+            EngineError::NoSuchVolume(_) | EngineError::NoSuchTenant(_) => StatusCode::NOT_FOUND,
+            EngineError::VolumeExists(_) | EngineError::TenantExists(_) => StatusCode::CONFLICT,
+            EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
+            EngineError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            _ => {
+                tracing::error!(error = %e, "admin request failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// Run a blocking engine call (rocksdb syncs) off the async workers.
+async fn blocking<T, F>(state: &AdminState, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
+    T: Send + 'static,
+{
+    let engine = state.engine.clone();
+    tokio::task::spawn_blocking(move || f(&engine))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("admin task failed: {e}"),
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+fn ok<T: serde::Serialize>(status: StatusCode, v: T) -> ApiResult {
+    Ok((status, Json(v)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateVolume {
+    name: String,
+    size: u64,
+    tenant: Option<String>,
+    class: Option<String>,
+    chunk_size: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Resize {
+    size: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateTenant {
+    name: String,
+}
+
+async fn health(State(s): State<AdminState>) -> ApiResult {
+    ok(
+        StatusCode::OK,
+        json!({ "node": s.node, "datacenter": s.datacenter, "pid": std::process::id() }),
+    )
+}
+
+async fn list_volumes(State(s): State<AdminState>) -> ApiResult {
+    ok(StatusCode::OK, blocking(&s, |e| e.list_volumes()).await?)
+}
+
+async fn create_volume(State(s): State<AdminState>, Json(req): Json<CreateVolume>) -> ApiResult {
+    let class = match req.class.as_deref() {
+        None => StorageClass::Local,
+        Some(c) => c
+            .parse()
+            .map_err(|e: String| ApiError(StatusCode::BAD_REQUEST, e))?,
+    };
+    let spec = VolumeSpec {
+        name: req.name,
+        size: req.size,
+        tenant: req.tenant,
+        class,
+        chunk_size: req.chunk_size,
+    };
+    ok(
+        StatusCode::CREATED,
+        blocking(&s, move |e| e.create_volume(&spec)).await?,
+    )
+}
+
+async fn volume_info(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {
+    ok(
+        StatusCode::OK,
+        blocking(&s, move |e| e.volume_info(&name)).await?,
+    )
+}
+
+async fn resize_volume(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Json(req): Json<Resize>,
+) -> ApiResult {
+    ok(
+        StatusCode::OK,
+        blocking(&s, move |e| e.resize_volume(&name, req.size)).await?,
+    )
+}
+
+async fn delete_volume(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {
+    blocking(&s, move |e| e.delete_volume(&name)).await?;
+    ok(StatusCode::OK, json!({}))
+}
+
+async fn list_tenants(State(s): State<AdminState>) -> ApiResult {
+    ok(StatusCode::OK, blocking(&s, |e| e.list_tenants()).await?)
+}
+
+async fn create_tenant(State(s): State<AdminState>, Json(req): Json<CreateTenant>) -> ApiResult {
+    ok(
+        StatusCode::CREATED,
+        blocking(&s, move |e| e.create_tenant(&req.name)).await?,
+    )
+}
+
+async fn delete_tenant(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {
+    let deleted = blocking(&s, move |e| e.delete_tenant(&name)).await?;
+    ok(StatusCode::OK, json!({ "deleted_volumes": deleted }))
+}
+
+/// The admin API's routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/tenants/{name}", axum::routing::delete(delete_tenant))
+        .with_state(state)
+}

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use trireme_engine as engine;
+
 use engine::crypto::SecretKey;
 use engine::{Engine, Segment, StorageClass, VolumeError, VolumeSpec};
 use replica::{BlockWrite, StoreOptions};

@@ -153,6 +153,7 @@ impl FreeRuns {
     }
 
     /// Whether `slot` is free.
+    #[cfg(test)]
     pub(crate) fn contains(&self, slot: u64) -> bool {
         self.by_start
             .range(..=slot)
@@ -240,7 +241,8 @@ impl SlotMap {
         self.free.count()
     }
 
-    /// Whether `slot` is free (for tests and assertions).
+    /// Whether `slot` is free.
+    #[cfg(test)]
     pub(crate) fn is_free(&self, slot: u64) -> bool {
         self.free.contains(slot)
     }

@@ -8,7 +8,7 @@ packages=(
   libclang-dev clang pkg-config       # rocksdb bindings (bindgen) and bundled build
   qemu-utils                          # qemu-img, qemu-io, qemu-nbd
   fio libnbd-bin python3-libnbd nbdkit nbdfuse nbd-client
-  jq procps iproute2 util-linux
+  jq procps iproute2 util-linux openssl
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -8,7 +8,7 @@
 //!    ▲                   │ (write failed,                                      │
 //!    │                   │  version stale)                        sync: index durable
 //!    └───────────────────┘                                                      ▼
-//!    └──────── punched or truncated ◀── reclaimable ◀── no older reader ◀── retired
+//!    └──── (punched or truncated) ◀── reclaimable ◀── no older reader ◀── retired
 //! ```
 //!
 //! Two rules keep data safe. A freed slot is reused only after a sync has made the
@@ -22,6 +22,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 /// Highest slot count a data file may have: the byte offset of every slot must fit in
 /// an `off_t`.
 pub(crate) const MAX_SLOTS: u64 = (i64::MAX as u64) / crate::block::BLOCK_BYTES;
+
+/// Freed runs at least this long (256 KiB) have their space given back to the
+/// filesystem with a hole punch before reuse. Shorter runs — what random overwrites
+/// leave — are reused by the next writes anyway, and punching each of them would cost a
+/// filesystem transaction per slot in every sync and make the write that reuses the slot
+/// allocate it again.
+pub(crate) const PUNCH_MIN_SLOTS: u64 = 64;
 
 /// A run of consecutive slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +196,8 @@ pub(crate) struct ReclaimPlan {
     pub tail: Vec<SlotRun>,
     /// Runs whose space should be given back with a hole punch, then freed.
     pub punch: Vec<SlotRun>,
+    /// Runs too short to be worth a punch, already freed.
+    pub freed: u64,
 }
 
 /// Slot state of one volume. Lives behind the volume's mutex; every method is O(log n)
@@ -356,8 +365,9 @@ impl SlotMap {
     }
 
     /// Takes the reclaimable slots and decides what to do with them: the run at the end
-    /// of the file (with any free run it touches) is cut off by truncation; the rest is
-    /// punched and then freed with [`SlotMap::release_unused`].
+    /// of the file (with any free run it touches) is cut off by truncation; runs of at
+    /// least [`PUNCH_MIN_SLOTS`] are to be punched and then freed with
+    /// [`SlotMap::release_unused`]; shorter runs are freed now.
     pub(crate) fn plan_reclaim(&mut self) -> ReclaimPlan {
         let mut runs = into_runs(std::mem::take(&mut self.reclaimable));
         let mut plan = ReclaimPlan::default();
@@ -379,7 +389,14 @@ impl SlotMap {
         if end < self.len {
             plan.truncate_to = Some(end);
         }
-        plan.punch = runs;
+        for run in runs {
+            if run.len >= PUNCH_MIN_SLOTS {
+                plan.punch.push(run);
+            } else {
+                plan.freed += run.len;
+                self.release_unused(&[run]);
+            }
+        }
         plan
     }
 
@@ -447,32 +464,39 @@ mod tests {
         let taken = map.take_freed();
         map.retire(taken);
         // The reader began before the retirement: nothing is reclaimable yet.
-        assert!(map.plan_reclaim().punch.is_empty());
+        assert_eq!(map.plan_reclaim().freed, 0);
+        assert!(!map.is_free(1));
         let later_reader = map.begin_read();
         map.end_read(reader);
         let plan = map.plan_reclaim();
-        assert_eq!(plan.punch, vec![run(1, 2)]);
+        assert_eq!(plan.freed, 2);
+        assert!(plan.punch.is_empty());
         assert_eq!(plan.truncate_to, None);
-        map.release_unused(&plan.punch);
         assert_eq!(map.allocate(2), Some(vec![run(1, 2)]));
         map.end_read(later_reader);
     }
 
     #[test]
-    fn reclaim_truncates_the_tail() {
+    fn reclaim_truncates_the_tail_and_punches_long_runs() {
         let mut map = SlotMap::rebuild([]);
-        let _ = map.allocate(10);
-        map.release_unused(&[run(8, 1)]);
-        map.free_after_sync([3, 7, 9]);
+        let _ = map.allocate(1000);
+        map.release_unused(&[run(998, 1)]);
+        let long: Vec<u64> = (100..100 + PUNCH_MIN_SLOTS).collect();
+        map.free_after_sync(long.iter().copied().chain([3, 997, 999]));
         let taken = map.take_freed();
         map.retire(taken);
         let plan = map.plan_reclaim();
-        assert_eq!(plan.truncate_to, Some(7));
-        assert_eq!(plan.punch, vec![run(3, 1)]);
-        map.truncated(7);
-        assert_eq!(map.len(), 7);
-        assert!(!map.is_free(8));
-        assert_eq!(map.free_count(), 0);
+        assert_eq!(plan.truncate_to, Some(997));
+        assert_eq!(plan.tail.len(), 3);
+        assert_eq!(plan.punch, vec![run(100, PUNCH_MIN_SLOTS)]);
+        assert_eq!(plan.freed, 1);
+        map.truncated(997);
+        assert_eq!(map.len(), 997);
+        assert!(!map.is_free(998));
+        assert!(map.is_free(3));
+        assert!(!map.is_free(100));
+        map.release_unused(&plan.punch);
+        assert_eq!(map.free_count(), 1 + PUNCH_MIN_SLOTS);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! sync on stdout; the parent kills it with SIGKILL at a random moment, reopens the
 //! store and checks that every write completed before the last reported sync is there
 //! with exactly its content and version, and that no block is torn or fails its CRC.
-//! Several rounds run on the same store, so reopened stores are written to and killed
-//! again.
+//! Discards of long runs are mixed in, so freed slots are reused, punched and truncated
+//! while the child dies. Several rounds run on the same store, so reopened stores are
+//! written to and killed again.
 
 mod common;
 
@@ -46,10 +47,44 @@ fn block_of(seq: u64) -> u64 {
     mix(seq) % BLOCKS
 }
 
-/// Sequence numbers one write_blocks call carries, from `seq`: 1 to 8 of them, so
-/// batches and single writes mix.
-fn batch_len(seq: u64) -> u64 {
-    1 + (mix(seq ^ 0x5555) % 8)
+/// Blocks one discard removes: enough for the freed run to be punched.
+const DISCARD_LEN: u64 = 96;
+
+/// One operation of the child, starting at sequence number `seq`.
+enum Op {
+    /// Writes sequence numbers `seq..seq + n` (block `block_of(s)`, version `s`): 1 to
+    /// 8 of them in one call, so batches and single writes mix.
+    Write(u64),
+    /// Discards `DISCARD_LEN` blocks from `start` (clipped to the volume); uses one
+    /// sequence number.
+    Discard(u64),
+}
+
+impl Op {
+    fn at(seq: u64) -> Op {
+        if mix(seq ^ 0xd15c).is_multiple_of(61) {
+            Op::Discard(mix(seq) % BLOCKS)
+        } else {
+            Op::Write(1 + (mix(seq ^ 0x5555) % 8))
+        }
+    }
+
+    /// Sequence numbers the operation uses.
+    fn len(&self) -> u64 {
+        match self {
+            Op::Write(n) => *n,
+            Op::Discard(_) => 1,
+        }
+    }
+}
+
+/// What a block must hold after a crash: at least `version`, or nothing at all when
+/// `may_be_absent` (it was last discarded, and versions from `version` on are writes
+/// that came after the discard).
+#[derive(Debug, Clone, Copy)]
+struct Floor {
+    version: u64,
+    may_be_absent: bool,
 }
 
 /// The child's side: writes forever (until killed), printing `synced N` after each
@@ -78,12 +113,22 @@ fn child_writer() {
         let mut seq = base;
         let mut since_sync = 0;
         while started.elapsed() < CHILD_LIMIT {
-            let len = batch_len(seq);
-            let writes: Vec<BlockWrite> = (seq..seq + len).map(|s| write(block_of(s), s)).collect();
-            store
-                .write_blocks(VOLUME, writes)
-                .await
-                .unwrap_or_else(|e| panic!("write: {e}"));
+            let op = Op::at(seq);
+            let len = op.len();
+            match op {
+                Op::Write(n) => {
+                    let writes: Vec<BlockWrite> =
+                        (seq..seq + n).map(|s| write(block_of(s), s)).collect();
+                    store
+                        .write_blocks(VOLUME, writes)
+                        .await
+                        .unwrap_or_else(|e| panic!("write: {e}"));
+                }
+                Op::Discard(start) => store
+                    .discard_blocks(VOLUME, start..(start + DISCARD_LEN).min(BLOCKS))
+                    .await
+                    .unwrap_or_else(|e| panic!("discard: {e}")),
+            }
             seq += len;
             since_sync += len;
             if since_sync >= SYNC_EVERY {
@@ -168,8 +213,8 @@ fn killed_writer_loses_nothing_synced() {
         | 1;
     println!("crash test seed {seed}");
     let mut rng = Rng(seed);
-    // What each block must hold at least: the version of the last write known durable.
-    let mut durable: HashMap<u64, u64> = HashMap::new();
+    // What each block must hold: from the last write or discard known durable.
+    let mut durable: HashMap<u64, Floor> = HashMap::new();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -180,14 +225,31 @@ fn killed_writer_loses_nothing_synced() {
         let synced = run_child(dir.path(), base, kill_after);
         assert!(synced >= base, "round {round}: nothing synced");
 
-        // Every write up to `synced` is durable; later ones may or may not be there.
+        // Every operation up to `synced` is durable; later ones may or may not be.
         let mut seq = base;
         while seq <= synced {
-            let len = batch_len(seq);
-            for s in seq..seq + len {
-                durable.insert(block_of(s), s);
+            let op = Op::at(seq);
+            match op {
+                Op::Write(n) => {
+                    for s in seq..seq + n {
+                        let floor = Floor {
+                            version: s,
+                            may_be_absent: false,
+                        };
+                        durable.insert(block_of(s), floor);
+                    }
+                }
+                Op::Discard(start) => {
+                    for block in start..(start + DISCARD_LEN).min(BLOCKS) {
+                        let floor = Floor {
+                            version: seq + 1,
+                            may_be_absent: true,
+                        };
+                        durable.insert(block, floor);
+                    }
+                }
             }
-            seq += len;
+            seq += op.len();
         }
         let store = open(dir.path());
         let blocks = runtime
@@ -198,15 +260,17 @@ fn killed_writer_loses_nothing_synced() {
             let expected = durable.get(&block).copied();
             match (found, expected) {
                 (None, None) => {}
-                (None, Some(v)) => {
-                    panic!("round {round} (seed {seed}): block {block} lost version {v}")
-                }
+                (None, Some(floor)) => assert!(
+                    floor.may_be_absent,
+                    "round {round} (seed {seed}): block {block} lost version {}",
+                    floor.version
+                ),
                 (Some((meta, data)), expected) => {
                     allocated += 1;
                     let v = meta.version;
                     assert!(
-                        expected.is_none_or(|e| v >= e),
-                        "round {round} (seed {seed}): block {block} has version {v}, older than synced {expected:?}"
+                        expected.is_none_or(|floor| v >= floor.version),
+                        "round {round} (seed {seed}): block {block} has version {v}, older than the synced {expected:?}"
                     );
                     assert_eq!(
                         block_of(v),
@@ -218,7 +282,11 @@ fn killed_writer_loses_nothing_synced() {
                         "round {round} (seed {seed}): block {block} data is not version {v}"
                     );
                     // A later version that survived is now the floor.
-                    durable.insert(block, v);
+                    let floor = Floor {
+                        version: v,
+                        may_be_absent: false,
+                    };
+                    durable.insert(block, floor);
                 }
             }
         }

@@ -81,7 +81,11 @@ fn unknown_options_are_unsupported_and_the_session_goes_on() {
         let r = replies(&out);
         assert_eq!((r[0].option, r[0].ty), (option, wire::REP_ERR_UNSUP));
     }
-    let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"vol", &[])));
+    let (_, event) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"vol", &[])),
+    );
     negotiated(event);
 }
 
@@ -91,7 +95,10 @@ fn info_reports_requested_items_and_always_block_size_and_export() {
     let mut hs = started(TlsPolicy::Disabled, cat.as_ref());
     let data = go_data(b"vol", &[wire::INFO_NAME, wire::INFO_DESCRIPTION, 77]);
     let (out, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_INFO, &data));
-    assert!(matches!(event, HandshakeEvent::NeedInput), "INFO must not end the handshake");
+    assert!(
+        matches!(event, HandshakeEvent::NeedInput),
+        "INFO must not end the handshake"
+    );
     let r = replies(&out);
     let info = |ty: u16| {
         r.iter()
@@ -111,7 +118,11 @@ fn info_reports_requested_items_and_always_block_size_and_export() {
     assert_eq!(r.last().unwrap().ty, wire::REP_ACK);
 
     // Without requests: no name, no description.
-    let (out, _) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_INFO, &go_data(b"vol", &[])));
+    let (out, _) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_INFO, &go_data(b"vol", &[])),
+    );
     let r = replies(&out);
     assert_eq!(r.len(), 3, "{r:?}");
 }
@@ -144,7 +155,11 @@ fn go_enters_transmission_and_keeps_pipelined_request_bytes() {
 fn go_refusals_keep_the_session() {
     let (cat, _) = catalog();
     let mut hs = started(TlsPolicy::Disabled, cat.as_ref());
-    let (out, _) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"nope", &[])));
+    let (out, _) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"nope", &[])),
+    );
     assert_eq!(replies(&out)[0].ty, wire::REP_ERR_UNKNOWN);
     // Name length pointing past the data.
     let mut bad = go_data(b"vol", &[]);
@@ -167,7 +182,11 @@ fn go_refusals_keep_the_session() {
         assert_eq!(replies(&out)[0].ty, wire::REP_ERR_INVALID, "{data:?}");
         assert!(matches!(event, HandshakeEvent::NeedInput));
     }
-    let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"vol", &[])));
+    let (_, event) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"vol", &[])),
+    );
     negotiated(event);
 }
 
@@ -200,13 +219,21 @@ fn export_name_for_unknown_export_closes() {
 fn structured_reply_negotiation_and_repeats() {
     let (cat, _) = catalog();
     let mut hs = started(TlsPolicy::Disabled, cat.as_ref());
-    let (out, _) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_STRUCTURED_REPLY, b"x"));
+    let (out, _) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_STRUCTURED_REPLY, b"x"),
+    );
     assert_eq!(replies(&out)[0].ty, wire::REP_ERR_INVALID);
     let (out, _) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_STRUCTURED_REPLY, &[]));
     assert_eq!(replies(&out)[0].ty, wire::REP_ACK);
     let (out, _) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_STRUCTURED_REPLY, &[]));
     assert_eq!(replies(&out)[0].ty, wire::REP_ERR_INVALID);
-    let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"vol", &[])));
+    let (_, event) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"vol", &[])),
+    );
     let n = negotiated(event);
     assert_eq!(n.mode, ReplyMode::Structured);
     assert_ne!(n.transmission_flags & wire::FLAG_SEND_DF, 0);
@@ -226,7 +253,10 @@ fn extended_headers_imply_structured_and_forbid_export_name() {
     let (out, _) = drive(
         &mut hs,
         cat.as_ref(),
-        &opt(wire::OPT_SET_META_CONTEXT, &meta_data("vol", &["base:allocation"])),
+        &opt(
+            wire::OPT_SET_META_CONTEXT,
+            &meta_data("vol", &["base:allocation"]),
+        ),
     );
     assert_eq!(replies(&out).last().unwrap().ty, wire::REP_ACK);
     let (out, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_EXPORT_NAME, b"vol"));
@@ -236,7 +266,11 @@ fn extended_headers_imply_structured_and_forbid_export_name() {
     let mut hs = started(TlsPolicy::Disabled, cat.as_ref());
     drive(&mut hs, cat.as_ref(), &opt(wire::OPT_STRUCTURED_REPLY, &[]));
     drive(&mut hs, cat.as_ref(), &opt(wire::OPT_EXTENDED_HEADERS, &[]));
-    let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"vol", &[])));
+    let (_, event) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"vol", &[])),
+    );
     assert_eq!(negotiated(event).mode, ReplyMode::Extended);
 }
 
@@ -248,7 +282,10 @@ fn meta_context_list_and_set() {
     let (out, _) = drive(
         &mut hs,
         cat.as_ref(),
-        &opt(wire::OPT_SET_META_CONTEXT, &meta_data("vol", &["base:allocation"])),
+        &opt(
+            wire::OPT_SET_META_CONTEXT,
+            &meta_data("vol", &["base:allocation"]),
+        ),
     );
     assert_eq!(replies(&out)[0].ty, wire::REP_ERR_INVALID);
     drive(&mut hs, cat.as_ref(), &opt(wire::OPT_STRUCTURED_REPLY, &[]));
@@ -263,7 +300,12 @@ fn meta_context_list_and_set() {
     };
     let mut expected_context = 0u32.to_be_bytes().to_vec();
     expected_context.extend_from_slice(b"base:allocation");
-    for queries in [&[][..], &["base:"], &["base:allocation"], &["x-foo:bar", "base:"]] {
+    for queries in [
+        &[][..],
+        &["base:"],
+        &["base:allocation"],
+        &["x-foo:bar", "base:"],
+    ] {
         let r = list(&mut hs, queries);
         assert_eq!(r.len(), 2, "{queries:?}");
         assert_eq!(r[0].ty, wire::REP_META_CONTEXT);
@@ -286,12 +328,19 @@ fn meta_context_list_and_set() {
     };
     // "base:" selects nothing on SET.
     assert_eq!(set(&mut hs, "vol", &["base:"]).len(), 1);
-    assert_eq!(set(&mut hs, "nope", &["base:allocation"])[0].ty, wire::REP_ERR_UNKNOWN);
+    assert_eq!(
+        set(&mut hs, "nope", &["base:allocation"])[0].ty,
+        wire::REP_ERR_UNKNOWN
+    );
     let r = set(&mut hs, "vol", &["base:allocation"]);
     assert_eq!(r[0].ty, wire::REP_META_CONTEXT);
     assert_eq!(r[0].data[..4], wire::BASE_ALLOCATION_ID.to_be_bytes());
     assert_eq!(r[1].ty, wire::REP_ACK);
-    let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"vol", &[])));
+    let (_, event) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"vol", &[])),
+    );
     assert!(negotiated(event).base_allocation);
 }
 
@@ -303,9 +352,16 @@ fn meta_context_for_another_export_or_replaced_by_failed_set_is_not_used() {
     drive(
         &mut hs,
         cat.as_ref(),
-        &opt(wire::OPT_SET_META_CONTEXT, &meta_data("ro", &["base:allocation"])),
+        &opt(
+            wire::OPT_SET_META_CONTEXT,
+            &meta_data("ro", &["base:allocation"]),
+        ),
     );
-    let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"vol", &[])));
+    let (_, event) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"vol", &[])),
+    );
     assert!(!negotiated(event).base_allocation);
 
     let mut hs = started(TlsPolicy::Disabled, cat.as_ref());
@@ -313,14 +369,25 @@ fn meta_context_for_another_export_or_replaced_by_failed_set_is_not_used() {
     drive(
         &mut hs,
         cat.as_ref(),
-        &opt(wire::OPT_SET_META_CONTEXT, &meta_data("vol", &["base:allocation"])),
+        &opt(
+            wire::OPT_SET_META_CONTEXT,
+            &meta_data("vol", &["base:allocation"]),
+        ),
     );
     // A malformed SET still clears the selection.
     let mut bad = meta_data("vol", &["base:allocation"]);
     bad.truncate(bad.len() - 3);
-    let (out, _) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_SET_META_CONTEXT, &bad));
+    let (out, _) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_SET_META_CONTEXT, &bad),
+    );
     assert_eq!(replies(&out)[0].ty, wire::REP_ERR_INVALID);
-    let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"vol", &[])));
+    let (_, event) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"vol", &[])),
+    );
     assert!(!negotiated(event).base_allocation);
 }
 
@@ -329,7 +396,11 @@ fn transmission_flags_follow_the_export() {
     let (cat, _) = catalog();
     let flags_of = |name: &[u8]| {
         let mut hs = started(TlsPolicy::Disabled, cat.as_ref());
-        let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(name, &[])));
+        let (_, event) = drive(
+            &mut hs,
+            cat.as_ref(),
+            &opt(wire::OPT_GO, &go_data(name, &[])),
+        );
         negotiated(event).transmission_flags
     };
     let vol = flags_of(b"vol");
@@ -348,7 +419,10 @@ fn transmission_flags_follow_the_export() {
     assert_eq!(vol & wire::FLAG_READ_ONLY, 0);
     let ro = flags_of(b"ro");
     assert_ne!(ro & wire::FLAG_READ_ONLY, 0);
-    assert_eq!(ro & (wire::FLAG_SEND_TRIM | wire::FLAG_SEND_WRITE_ZEROES), 0);
+    assert_eq!(
+        ro & (wire::FLAG_SEND_TRIM | wire::FLAG_SEND_WRITE_ZEROES),
+        0
+    );
     assert_eq!(flags_of(b"single") & wire::FLAG_CAN_MULTI_CONN, 0);
 }
 
@@ -384,11 +458,14 @@ fn tls_required_refuses_everything_but_starttls_and_abort() {
         (77, vec![1, 2]),
     ] {
         let (out, event) = drive(&mut hs, cat.as_ref(), &opt(option, &data));
-        assert_eq!(replies(&out), vec![OptReply {
-            option,
-            ty: wire::REP_ERR_TLS_REQD,
-            data: b"TLS is required".to_vec()
-        }]);
+        assert_eq!(
+            replies(&out),
+            vec![OptReply {
+                option,
+                ty: wire::REP_ERR_TLS_REQD,
+                data: b"TLS is required".to_vec()
+            }]
+        );
         assert!(matches!(event, HandshakeEvent::NeedInput));
     }
     let (out, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_EXPORT_NAME, b"vol"));
@@ -408,7 +485,11 @@ fn starttls_upgrades_then_options_work_and_second_starttls_is_invalid() {
     assert_eq!(replies(&out)[0].ty, wire::REP_ERR_INVALID);
     let (out, _) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_LIST, &[]));
     assert_eq!(replies(&out).last().unwrap().ty, wire::REP_ACK);
-    let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"vol", &[])));
+    let (_, event) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"vol", &[])),
+    );
     assert!(negotiated(event).tls);
 }
 
@@ -420,12 +501,19 @@ fn starttls_discards_options_negotiated_in_plaintext() {
     drive(
         &mut hs,
         cat.as_ref(),
-        &opt(wire::OPT_SET_META_CONTEXT, &meta_data("vol", &["base:allocation"])),
+        &opt(
+            wire::OPT_SET_META_CONTEXT,
+            &meta_data("vol", &["base:allocation"]),
+        ),
     );
     let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_STARTTLS, &[]));
     assert!(matches!(event, HandshakeEvent::StartTls));
     hs.tls_established();
-    let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"vol", &[])));
+    let (_, event) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"vol", &[])),
+    );
     let n = negotiated(event);
     assert_eq!(n.mode, ReplyMode::Simple);
     assert!(!n.base_allocation);
@@ -436,6 +524,10 @@ fn starttls_discards_options_negotiated_in_plaintext() {
 fn tls_optional_allows_plaintext_sessions() {
     let (cat, _) = catalog();
     let mut hs = started(TlsPolicy::Optional, cat.as_ref());
-    let (_, event) = drive(&mut hs, cat.as_ref(), &opt(wire::OPT_GO, &go_data(b"vol", &[])));
+    let (_, event) = drive(
+        &mut hs,
+        cat.as_ref(),
+        &opt(wire::OPT_GO, &go_data(b"vol", &[])),
+    );
     assert!(!negotiated(event).tls);
 }

@@ -1,1 +1,8 @@
-//! Tests of the protocol core and the driver.
+//! Tests of the protocol core and of the driver over real sockets.
+
+mod cves;
+mod fuzz_smoke;
+mod handshake;
+mod server;
+mod support;
+mod transmission;

@@ -241,10 +241,20 @@ pub async fn connect_go<S: AsyncRead + AsyncWrite + Unpin>(
     if structured {
         let r = ask(s, wire::OPT_STRUCTURED_REPLY, &[]).await;
         assert_eq!(r.last().unwrap().ty, wire::REP_ACK);
-        let r = ask(s, wire::OPT_SET_META_CONTEXT, &meta_data(name, &["base:allocation"])).await;
+        let r = ask(
+            s,
+            wire::OPT_SET_META_CONTEXT,
+            &meta_data(name, &["base:allocation"]),
+        )
+        .await;
         assert_eq!(r.last().unwrap().ty, wire::REP_ACK);
     }
-    let r = ask(s, wire::OPT_GO, &go_data(name.as_bytes(), &[wire::INFO_BLOCK_SIZE])).await;
+    let r = ask(
+        s,
+        wire::OPT_GO,
+        &go_data(name.as_bytes(), &[wire::INFO_BLOCK_SIZE]),
+    )
+    .await;
     assert_eq!(r.last().unwrap().ty, wire::REP_ACK, "GO refused: {r:?}");
 }
 

@@ -329,7 +329,7 @@ impl Engine {
         }
         let chunk_size = spec.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
         if chunk_size < BLOCK
-            || chunk_size % BLOCK != 0
+            || !chunk_size.is_multiple_of(BLOCK)
             || !chunk_size.is_power_of_two()
             || chunk_size > 1 << 30
         {
@@ -503,7 +503,7 @@ impl Engine {
 }
 
 fn validate_size(size: u64) -> Result<(), EngineError> {
-    if size == 0 || size % SIZE_ALIGNMENT != 0 || size > MAX_VOLUME_SIZE {
+    if size == 0 || !size.is_multiple_of(SIZE_ALIGNMENT) || size > MAX_VOLUME_SIZE {
         return Err(EngineError::Invalid(format!(
             "size {size} must be a positive multiple of {SIZE_ALIGNMENT} bytes, at most {MAX_VOLUME_SIZE}"
         )));

@@ -178,3 +178,17 @@ async fn buffered_store_works_too() {
         assert!(data.0.iter().all(|&x| usize::from(x) == b));
     }
 }
+
+/// The store is shared behind an `Arc` and its futures are spawned on tokio.
+#[test]
+fn store_and_its_futures_are_send() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: T) {}
+    let (_dir, store) = open_temp();
+    send_sync(&store);
+    send(store.write_blocks(1, Vec::new()));
+    send(store.read_block(1, 0));
+    send(store.read_blocks(1, 0..1));
+    send(store.discard_blocks(1, 0..1));
+    send(store.sync());
+}

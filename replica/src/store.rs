@@ -690,7 +690,7 @@ impl Store {
         }
         // Blocks whose slots follow each other share one part.
         let fd = volume.file.fd();
-        let mut parts = Vec::new();
+        let mut parts: Vec<IoPart> = Vec::new();
         let mut owners: Vec<Vec<(u64, BlockMeta)>> = Vec::new();
         let mut next_slot = None;
         for (block, entry) in entries {
@@ -699,7 +699,6 @@ impl Store {
             match (extend, owners.last_mut(), parts.last_mut()) {
                 (true, Some(owner), Some(part)) => {
                     owner.push((block, entry.meta));
-                    let part: &mut IoPart = part;
                     part.bufs.push(Block::zeroed());
                 }
                 _ => {

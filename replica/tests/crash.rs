@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -78,13 +77,21 @@ impl Op {
     }
 }
 
-/// What a block must hold after a crash: at least `version`, or nothing at all when
-/// `may_be_absent` (it was last discarded, and versions from `version` on are writes
-/// that came after the discard).
-#[derive(Debug, Clone, Copy)]
-struct Floor {
-    version: u64,
-    may_be_absent: bool,
+/// Version held by each block of the volume (`None`: unallocated).
+type Model = Vec<Option<u64>>;
+
+/// Applies the operation starting at `seq` to `model`.
+fn apply(model: &mut Model, seq: u64, op: &Op) {
+    let mut set = |block: u64, version: Option<u64>| {
+        if let Some(entry) = usize::try_from(block).ok().and_then(|b| model.get_mut(b)) {
+            *entry = version;
+        }
+    };
+    match *op {
+        // In a batch that hits a block twice the later (higher) version wins.
+        Op::Write(n) => (seq..seq + n).for_each(|s| set(block_of(s), Some(s))),
+        Op::Discard(start) => (start..(start + DISCARD_LEN).min(BLOCKS)).for_each(|b| set(b, None)),
+    }
 }
 
 /// The child's side: writes forever (until killed), printing `synced N` after each
@@ -203,6 +210,10 @@ fn run_child(dir: &Path, base: u64, kill_after: Duration) -> u64 {
     last
 }
 
+/// Each round kills the child and checks that the volume is exactly the result of a
+/// prefix of the child's operations: every operation up to the last reported sync, and
+/// possibly some after it (a killed process loses nothing it completed). Operations
+/// are atomic (one index batch each), so nothing in between is allowed.
 #[test]
 fn killed_writer_loses_nothing_synced() {
     let dir = common::tempdir();
@@ -213,8 +224,8 @@ fn killed_writer_loses_nothing_synced() {
         | 1;
     println!("crash test seed {seed}");
     let mut rng = Rng(seed);
-    // What each block must hold: from the last write or discard known durable.
-    let mut durable: HashMap<u64, Floor> = HashMap::new();
+    let blocks_len = usize::try_from(BLOCKS).unwrap_or(0);
+    let mut model: Model = vec![None; blocks_len];
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -224,79 +235,61 @@ fn killed_writer_loses_nothing_synced() {
         let kill_after = Duration::from_millis(20 + rng.next() % 400);
         let synced = run_child(dir.path(), base, kill_after);
         assert!(synced >= base, "round {round}: nothing synced");
-
-        // Every operation up to `synced` is durable; later ones may or may not be.
         let mut seq = base;
         while seq <= synced {
             let op = Op::at(seq);
-            match op {
-                Op::Write(n) => {
-                    for s in seq..seq + n {
-                        let floor = Floor {
-                            version: s,
-                            may_be_absent: false,
-                        };
-                        durable.insert(block_of(s), floor);
-                    }
-                }
-                Op::Discard(start) => {
-                    for block in start..(start + DISCARD_LEN).min(BLOCKS) {
-                        let floor = Floor {
-                            version: seq + 1,
-                            may_be_absent: true,
-                        };
-                        durable.insert(block, floor);
-                    }
-                }
-            }
+            apply(&mut model, seq, &op);
             seq += op.len();
         }
+
         let store = open(dir.path());
         let blocks = runtime
             .block_on(store.read_blocks(VOLUME, 0..BLOCKS))
             .unwrap_or_else(|e| panic!("round {round} (seed {seed}): read after kill: {e}"));
-        let mut allocated = 0;
-        for (block, found) in (0u64..).zip(&blocks) {
-            let expected = durable.get(&block).copied();
-            match (found, expected) {
-                (None, None) => {}
-                (None, Some(floor)) => assert!(
-                    floor.may_be_absent,
-                    "round {round} (seed {seed}): block {block} lost version {}",
-                    floor.version
-                ),
-                (Some((meta, data)), expected) => {
-                    allocated += 1;
-                    let v = meta.version;
-                    assert!(
-                        expected.is_none_or(|floor| v >= floor.version),
-                        "round {round} (seed {seed}): block {block} has version {v}, older than the synced {expected:?}"
-                    );
-                    assert_eq!(
-                        block_of(v),
-                        block,
-                        "round {round} (seed {seed}): block {block} holds a version written elsewhere"
-                    );
-                    assert!(
-                        consistent(block, meta, data),
-                        "round {round} (seed {seed}): block {block} data is not version {v}"
-                    );
-                    // A later version that survived is now the floor.
-                    let floor = Floor {
-                        version: v,
-                        may_be_absent: false,
-                    };
-                    durable.insert(block, floor);
-                }
+        let mut actual: Model = vec![None; blocks_len];
+        for ((block, found), version) in (0u64..).zip(&blocks).zip(actual.iter_mut()) {
+            if let Some((meta, data)) = found {
+                assert!(
+                    consistent(block, meta, data),
+                    "round {round} (seed {seed}): block {block} data is not its version {}",
+                    meta.version
+                );
+                *version = Some(meta.version);
             }
         }
+        // The operations the child may have completed after its last reported sync:
+        // fewer than SYNC_EVERY sequence numbers, plus one batch, before the next sync.
+        let mut after = 0;
+        let mut candidate = model.clone();
+        while candidate != actual && seq <= synced + SYNC_EVERY + 8 {
+            let op = Op::at(seq);
+            apply(&mut candidate, seq, &op);
+            seq += op.len();
+            after += 1;
+        }
+        if candidate != actual {
+            let diffs: Vec<String> = (0u64..)
+                .zip(model.iter().zip(&actual))
+                .filter(|(_, (m, a))| m != a)
+                .take(8)
+                .map(|(b, (m, a))| format!("block {b}: synced {m:?}, found {a:?}"))
+                .collect();
+            panic!(
+                "round {round} (seed {seed}): volume is no prefix of the operations from the \
+                 last sync on (synced +{}); {diffs:?}",
+                synced - base
+            );
+        }
+        let allocated = u64::try_from(actual.iter().flatten().count()).unwrap_or(0);
         assert_eq!(
             store.allocated_blocks(VOLUME).unwrap_or(0),
             allocated,
             "round {round} (seed {seed}): live count"
         );
+        model = actual;
         println!(
-            "round {round}: killed after {kill_after:?}, synced up to +{}, {allocated} blocks verified",
+            "round {round}: killed after {kill_after:?}, synced up to +{}, {after} more \
+             operations landed, {allocated} blocks verified",
             synced - base
         );
     }

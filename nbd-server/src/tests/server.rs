@@ -420,3 +420,28 @@ async fn starttls_injection_over_tcp_is_refused() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn inconsistent_config_is_refused_before_serving() {
+    let (cat, _) = catalog();
+    for config in [
+        ServerConfig {
+            max_inflight_bytes: 1024,
+            ..ServerConfig::default()
+        },
+        ServerConfig {
+            max_connections: 0,
+            ..ServerConfig::default()
+        },
+    ] {
+        let err = serve_tcp(
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            cat.clone(),
+            Arc::new(config),
+            Shutdown::new(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    }
+}

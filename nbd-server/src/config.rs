@@ -10,8 +10,8 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 pub const PREFERRED_BLOCK_SIZE: u32 = 4096;
 /// Minimum block size advertised in NBD_INFO_BLOCK_SIZE.
 pub const MINIMUM_BLOCK_SIZE: u32 = 1;
-/// Largest option payload buffered during the handshake; longer options are drained
-/// without being stored and refused with NBD_REP_ERR_TOO_BIG.
+/// Largest option payload accepted during the handshake; a longer option is refused
+/// with NBD_REP_ERR_TOO_BIG and the connection closed.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 
 /// Whether and how clients must upgrade to TLS with NBD_OPT_STARTTLS.

@@ -4,7 +4,9 @@
 //!
 //! Invariants kept for hostile clients:
 //! - input held is at most one option header plus [`MAX_OPTION_LEN`] bytes plus whatever
-//!   the driver fed in one read; longer options are drained without being stored;
+//!   the driver fed in one read; a longer option is refused with NBD_REP_ERR_TOO_BIG and
+//!   the connection closed at once (no honest client sends one; draining it would let a
+//!   client hold a connection for gigabytes of input);
 //! - one option is handled per `poll`, so replies never pile up unwritten;
 //! - after STARTTLS every bit of option state from the plaintext phase is forgotten, and
 //!   plaintext that followed STARTTLS is never parsed (the connection closes instead).
@@ -13,6 +15,9 @@ use bytes::{BufMut, BytesMut};
 
 use crate::config::{MAX_OPTION_LEN, MAX_PAYLOAD, MINIMUM_BLOCK_SIZE, PREFERRED_BLOCK_SIZE};
 use crate::cursor::Cursor;
+
+/// [`MAX_OPTION_LEN`] as a buffer length.
+const MAX_OPTION_LEN_USIZE: usize = MAX_OPTION_LEN as usize;
 use crate::export::{Catalog, Export, ExportHandle};
 use crate::reply::{ReplyMode, truncate_utf8};
 use crate::wire;
@@ -61,6 +66,8 @@ pub enum CloseReason {
     NotFixedNewstyle,
     /// An option header did not start with IHAVEOPT.
     BadOptionMagic(u64),
+    /// An option's data was longer than [`MAX_OPTION_LEN`].
+    OptionTooLong(u32),
     /// NBD_OPT_EXPORT_NAME could not be satisfied and cannot carry an error.
     ExportNameRefused(String),
     /// Bytes followed NBD_OPT_STARTTLS before the TLS handshake (injection attempt).
@@ -83,6 +90,9 @@ impl std::fmt::Display for CloseReason {
             }
             CloseReason::NotFixedNewstyle => write!(f, "client does not speak fixed newstyle"),
             CloseReason::BadOptionMagic(magic) => write!(f, "bad option magic {magic:#x}"),
+            CloseReason::OptionTooLong(len) => {
+                write!(f, "option data of {len} bytes (at most {MAX_OPTION_LEN})")
+            }
             CloseReason::ExportNameRefused(why) => write!(f, "NBD_OPT_EXPORT_NAME refused: {why}"),
             CloseReason::PlaintextAfterStartTls => {
                 write!(f, "plaintext bytes followed NBD_OPT_STARTTLS")
@@ -121,8 +131,6 @@ enum State {
     OptionHeader,
     /// Waiting for `len` bytes of data of `option`.
     OptionData { option: u32, len: usize },
-    /// Discarding `remaining` bytes of an oversized option, then refusing it.
-    Draining { option: u32, remaining: u64 },
     /// STARTTLS acknowledged; the driver is running the TLS handshake.
     TlsPending,
     /// Closed or in transmission; nothing more to do.
@@ -180,7 +188,7 @@ impl Handshake {
     }
 
     /// Feeds bytes received from the client.
-    pub fn receive(&mut self, mut data: &[u8]) {
+    pub fn receive(&mut self, data: &[u8]) {
         match &mut self.state {
             State::TlsPending => {
                 // Plaintext after STARTTLS: never parsed, only remembered as a violation.
@@ -190,13 +198,6 @@ impl Handshake {
                 return;
             }
             State::Finished => return,
-            State::Draining { remaining, .. } if self.input.is_empty() => {
-                let skip = usize::try_from(*remaining)
-                    .unwrap_or(usize::MAX)
-                    .min(data.len());
-                *remaining -= u64::try_from(skip).unwrap_or(0);
-                data = &data[skip..];
-            }
             _ => {}
         }
         self.input.extend_from_slice(data);
@@ -259,24 +260,6 @@ impl Handshake {
                 self.state = State::OptionHeader;
                 self.option(option, &data, catalog)
             }
-            State::Draining { option, remaining } => {
-                let skip = usize::try_from(remaining)
-                    .unwrap_or(usize::MAX)
-                    .min(self.input.len());
-                let _ = self.input.split_to(skip);
-                let remaining = remaining - u64::try_from(skip).unwrap_or(0);
-                if remaining > 0 {
-                    self.state = State::Draining { option, remaining };
-                    return HandshakeEvent::NeedInput;
-                }
-                self.state = State::OptionHeader;
-                self.reply_error(
-                    option,
-                    wire::REP_ERR_TOO_BIG,
-                    &format!("option data longer than {MAX_OPTION_LEN} bytes"),
-                );
-                Outcome::Continue
-            }
         };
         match outcome {
             Outcome::Continue => HandshakeEvent::Continue,
@@ -311,29 +294,20 @@ impl Handshake {
             self.reply(option, wire::REP_ACK, &[]);
             return self.finish_close(CloseReason::Abort);
         }
-        if len > MAX_OPTION_LEN {
-            if option == wire::OPT_EXPORT_NAME {
-                return self.finish_close(CloseReason::ExportNameRefused(format!(
-                    "name of {len} bytes"
-                )));
-            }
-            self.state = State::Draining {
-                option,
-                remaining: u64::from(len),
-            };
-            return Outcome::Continue;
-        }
         match usize::try_from(len) {
-            Ok(len) => {
+            Ok(len) if len <= MAX_OPTION_LEN_USIZE => {
                 self.state = State::OptionData { option, len };
                 Outcome::Continue
             }
-            Err(_) => {
-                self.state = State::Draining {
-                    option,
-                    remaining: u64::from(len),
-                };
-                Outcome::Continue
+            _ => {
+                if option != wire::OPT_EXPORT_NAME {
+                    self.reply_error(
+                        option,
+                        wire::REP_ERR_TOO_BIG,
+                        &format!("option data of {len} bytes is longer than {MAX_OPTION_LEN}"),
+                    );
+                }
+                self.finish_close(CloseReason::OptionTooLong(len))
             }
         }
     }

@@ -75,6 +75,24 @@ fn volume_and_tenant_commands() {
 
     c.ok(&["volume", "resize", "vol1", "--size", "2G"]);
     assert_eq!(c.volume_info("vol1")["size"], 2u64 << 30);
+    // Online: new connections see the new size, and the grown space is writable.
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(std::process::Command::new("qemu-img").args([
+            "info",
+            "--output=json",
+            &c.uri("vol1"),
+        ])))
+        .unwrap();
+    assert_eq!(info["virtual-size"], 2u64 << 30);
+    ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &c.uri("vol1"),
+        "-c",
+        "write -P 0x3c 1536M 64k",
+        "-c",
+        "read -P 0x3c 1536M 64k",
+    ]));
     let err = c.fails(&["volume", "resize", "vol1", "--size", "1G"]);
     assert!(
         err.contains("shrinking") && err.lines().count() == 1,

@@ -45,6 +45,7 @@ fn volume_and_tenant_commands() {
     assert_eq!(info["tenant"], "default");
     assert_eq!(info["allocated_bytes"], 0);
     assert_eq!(info["chunk_size"], 4 << 20);
+    assert_eq!(info["nbd_uri"], c.uri("vol1"));
 
     c.ok(&["tenant", "create", "acme"]);
     c.ok(&[

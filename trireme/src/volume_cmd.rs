@@ -78,13 +78,18 @@ pub enum TenantCommand {
 
 /// The admin API of a running node of the cluster.
 fn client(dir: &ClusterDir) -> Result<AdminClient> {
+    Ok(node(dir)?.0)
+}
+
+/// A running node of the cluster: its admin API and its NBD address.
+fn node(dir: &ClusterDir) -> Result<(AdminClient, std::net::SocketAddr)> {
     let cluster = dir.load()?;
     match cluster
         .nodes
         .iter()
         .find(|n| running_pid(dir, &n.name).is_some())
     {
-        Some(n) => Ok(AdminClient::new(&n.name, n.admin)),
+        Some(n) => Ok((AdminClient::new(&n.name, n.admin), n.nbd)),
         None => bail!(
             "node not running: no node of the cluster at {} is running (start it with `trireme --cluster {} dev up`)",
             dir.root().display(),
@@ -143,6 +148,7 @@ fn print_volume(v: &Value) {
     );
     println!("chunk size:  {}", human(num(v, "chunk_size")));
     println!("block size:  {}", human(num(v, "block_size")));
+    println!("export:      {}", field(v, "nbd_uri"));
 }
 
 /// Run a volume command.
@@ -158,13 +164,15 @@ pub fn volume(dir: &ClusterDir, cmd: VolumeCommand) -> Result<()> {
             let size = size_arg(&size)?;
             let chunk_size = chunk_size.as_deref().map(size_arg).transpose()?;
             let body = json!({ "name": name, "size": size, "tenant": tenant, "class": class, "chunk_size": chunk_size });
-            let v = client(dir)?.post("/v1/volumes", &body)?;
+            let (client, nbd) = node(dir)?;
+            let v = client.post("/v1/volumes", &body)?;
             println!(
-                "created volume {} ({}, tenant {}, class {})",
+                "created volume {} ({}, tenant {}, class {}): nbd://{nbd}/{}",
                 field(&v, "name"),
                 human(num(&v, "size")),
                 field(&v, "tenant"),
-                field(&v, "class")
+                field(&v, "class"),
+                field(&v, "name")
             );
         }
         VolumeCommand::List { json } => {
@@ -188,7 +196,9 @@ pub fn volume(dir: &ClusterDir, cmd: VolumeCommand) -> Result<()> {
             }
         }
         VolumeCommand::Info { name, json } => {
-            let v = client(dir)?.get(&format!("/v1/volumes/{}", path_segment(&name)?))?;
+            let (client, nbd) = node(dir)?;
+            let mut v = client.get(&format!("/v1/volumes/{}", path_segment(&name)?))?;
+            v["nbd_uri"] = format!("nbd://{nbd}/{name}").into();
             if json {
                 return print_json(&v);
             }

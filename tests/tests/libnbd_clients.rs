@@ -197,6 +197,7 @@ fn fio_random_read_write_verifies() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
@@ -216,5 +217,6 @@ fn fio_random_read_write_verifies() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
     ]));
 }

@@ -34,6 +34,41 @@ impl Block {
         unsafe { Box::from_raw(ptr) }
     }
 
+    /// `n` contiguous blocks of zeros in one allocation.
+    pub(crate) fn zeroed_vec(n: usize) -> Vec<Block> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let Ok(layout) = std::alloc::Layout::array::<Block>(n) else {
+            panic!("{n} blocks overflow the address space");
+        };
+        // SAFETY: the layout has non-zero size, and an all-zero byte pattern is a valid
+        // `Block`.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Block>();
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        // SAFETY: `ptr` was allocated by the global allocator with the layout of
+        // `[Block; n]` (what a `Vec<Block>` of capacity `n` uses), and all `n` elements
+        // are initialised.
+        unsafe { Vec::from_raw_parts(ptr, n, n) }
+    }
+
+    /// A heap-allocated copy of this block.
+    pub(crate) fn boxed_copy(&self) -> Box<Block> {
+        let mut boxed = Box::<Block>::new_uninit();
+        // SAFETY: copies all `BLOCK_SIZE` bytes of `self` into the fresh allocation,
+        // which the two do not overlap, fully initialising it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.0.as_ptr(),
+                boxed.as_mut_ptr().cast::<u8>(),
+                BLOCK_SIZE,
+            );
+            boxed.assume_init()
+        }
+    }
+
     /// A heap-allocated block holding a copy of `data`.
     pub fn from_bytes(data: &[u8; BLOCK_SIZE]) -> Box<Block> {
         let mut block = Block::zeroed();

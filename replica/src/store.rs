@@ -39,6 +39,15 @@ use crate::uring::{IoPart, MAX_PART_BLOCKS, Ring};
 /// Most blocks one `write_blocks` or `read_blocks` call may carry (32 MiB).
 pub const MAX_BLOCKS_PER_IO: usize = 8192;
 
+/// Runs of at least this many blocks are read into one contiguous buffer.
+const SPAN_READ_MIN_BLOCKS: usize = 8;
+
+/// Contiguous read buffers kept for reuse.
+const SPAN_POOL: usize = 16;
+
+/// Largest read buffer kept for reuse (1 MiB), which bounds the pool to 16 MiB.
+const SPAN_POOL_MAX_BLOCKS: usize = 256;
+
 /// Index entries a discard removes per rocksdb batch; bounds the memory and the time the
 /// volume's commit lock is held for a discard of a whole disk.
 const DISCARD_BATCH: u64 = 16384;
@@ -136,6 +145,8 @@ pub struct Store {
     /// Set when a data file or WAL sync failed: the store refuses further writes and
     /// syncs (the node must be rebuilt; a failed fsync cannot be retried).
     failure: Mutex<Option<String>>,
+    /// Contiguous read buffers kept for reuse (saves zeroing them for every read).
+    spans: Mutex<Vec<Vec<Block>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -305,6 +316,7 @@ impl Store {
             syncs_started: AtomicU64::new(0),
             last_good_sync: AtomicU64::new(0),
             failure: Mutex::new(None),
+            spans: Mutex::new(Vec::new()),
         };
         store.load_volumes(files)?;
         Ok(store)
@@ -663,10 +675,19 @@ impl Store {
             })?;
         let pin = ReadPin::new(&volume);
         let mut entries = Vec::new();
-        self.scan_index(vol, blocks.clone(), |block, value| {
-            entries.push((block, decode_entry(vol, block, value)?));
-            Ok(true)
-        })?;
+        if count == 1 {
+            // A point lookup (bloom filters, no iterator set-up) is several times
+            // cheaper than a scan for the common single-block read.
+            let cf = self.cf(INDEX_CF)?;
+            if let Some(value) = self.db.get_pinned_cf(cf, index::key(vol, blocks.start))? {
+                entries.push((blocks.start, decode_entry(vol, blocks.start, &value)?));
+            }
+        } else {
+            self.scan_index(vol, blocks.clone(), |block, value| {
+                entries.push((block, decode_entry(vol, block, value)?));
+                Ok(true)
+            })?;
+        }
         let result = self
             .read_entries(&volume, count, blocks.start, entries)
             .await;
@@ -690,33 +711,46 @@ impl Store {
         }
         // Blocks whose slots follow each other share one part.
         let fd = volume.file.fd();
-        let mut parts: Vec<IoPart> = Vec::new();
-        let mut owners: Vec<Vec<(u64, BlockMeta)>> = Vec::new();
+        let mut runs: Vec<(u64, Vec<(u64, BlockMeta)>)> = Vec::new();
         let mut next_slot = None;
         for (block, entry) in entries {
-            let extend = next_slot == Some(entry.slot)
-                && owners.last().is_some_and(|o| o.len() < MAX_PART_BLOCKS);
-            match (extend, owners.last_mut(), parts.last_mut()) {
-                (true, Some(owner), Some(part)) => {
+            match runs.last_mut() {
+                Some((_, owner))
+                    if next_slot == Some(entry.slot) && owner.len() < MAX_PART_BLOCKS =>
+                {
                     owner.push((block, entry.meta));
-                    part.bufs.push(Block::zeroed());
                 }
-                _ => {
-                    owners.push(vec![(block, entry.meta)]);
-                    parts.push(IoPart::read(
-                        Arc::clone(&fd),
-                        slot_offset(entry.slot)?,
-                        vec![Block::zeroed()],
-                    ));
-                }
+                _ => runs.push((entry.slot, vec![(block, entry.meta)])),
             }
             next_slot = entry.slot.checked_add(1);
+        }
+        let mut parts: Vec<IoPart> = Vec::with_capacity(runs.len());
+        let mut owners: Vec<Vec<(u64, BlockMeta)>> = Vec::with_capacity(runs.len());
+        for (slot, owner) in runs {
+            let offset = slot_offset(slot)?;
+            // A longer run is read into one contiguous buffer and copied out: one
+            // iovec is much cheaper for the kernel than one per block.
+            parts.push(if owner.len() >= SPAN_READ_MIN_BLOCKS {
+                IoPart::read_span(Arc::clone(&fd), offset, self.take_span(owner.len()))
+            } else {
+                IoPart::read(
+                    Arc::clone(&fd),
+                    offset,
+                    owner.iter().map(|_| Block::zeroed()).collect(),
+                )
+            });
+            owners.push(owner);
         }
         let (parts, ()) = volume.file.run(&self.ring, parts, ()).await?;
         for (part, owner) in parts.into_iter().zip(owners) {
             part.result
                 .map_err(|e| StoreError::io("reading block data", e))?;
-            for (data, (block, meta)) in part.bufs.into_iter().zip(owner) {
+            let mut bufs = part.bufs;
+            if !part.span.is_empty() {
+                bufs = part.span.iter().map(Block::boxed_copy).collect();
+                self.give_span(part.span);
+            }
+            for (data, (block, meta)) in bufs.into_iter().zip(owner) {
                 if data.crc() != meta.crc {
                     tracing::error!(
                         volume = format_args!("{:016x}", volume.id),
@@ -738,6 +772,31 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// A contiguous buffer of `blocks` blocks (its content is to be overwritten).
+    fn take_span(&self, blocks: usize) -> Vec<Block> {
+        let mut spans = self.spans.lock();
+        match spans.iter().position(|span| span.len() == blocks) {
+            Some(i) => spans.swap_remove(i),
+            None => {
+                drop(spans);
+                Block::zeroed_vec(blocks)
+            }
+        }
+    }
+
+    /// Keeps a buffer from [`Store::take_span`] for reuse.
+    fn give_span(&self, span: Vec<Block>) {
+        if span.len() > SPAN_POOL_MAX_BLOCKS {
+            return;
+        }
+        let mut spans = self.spans.lock();
+        if spans.len() >= SPAN_POOL {
+            // Replace the oldest, so the pool follows the sizes in use.
+            spans.remove(0);
+        }
+        spans.push(span);
     }
 
     /// Index entry only, no data read.

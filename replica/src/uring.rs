@@ -1,17 +1,25 @@
-//! The io_uring worker: one thread per store owns a ring, receives batches of block
-//! I/O over a channel, and completes each batch through a tokio oneshot channel.
+//! The io_uring of a store: callers submit their I/O directly from their own task, and
+//! completions are reaped by a reaper task on the caller's tokio runtime that waits for
+//! the ring's descriptor to poll readable (an io_uring descriptor does when completions
+//! are waiting).
 //!
-//! Submission: a caller sends an [`IoBatch`] and writes the worker's eventfd. The worker
-//! keeps a read of that eventfd in the ring at all times, so one `io_uring_enter` waits
-//! for both "an I/O completed" and "new work arrived": no polling, and new work is
-//! picked up while other I/O is in flight. The eventfd write is skipped when a wake-up
-//! is already pending, so a burst of submissions costs one syscall.
+//! Submission: a caller locks the ring (a short critical section: push the entries,
+//! `io_uring_enter` without waiting), then waits on a oneshot channel. Completions that
+//! are already there when the caller submits (page cache hits) are reaped at once, so
+//! such an I/O never waits at all. Everything else is reaped by the reaper task, which
+//! runs on the same runtime as the callers: no dedicated thread, no eventfd, and no
+//! hop between threads in the common case. A store opened outside a runtime runs the
+//! reaper on a thread of its own instead.
 //!
-//! Ownership: the buffers of an I/O are owned by the batch, which lives in the worker
-//! until every part has completed; only then are they handed back (or dropped, if the
-//! caller went away). A caller's future can be dropped at any point without leaving the
-//! kernel writing into freed memory. Anything else the caller wants kept alive until the
-//! I/O is over (a slot reservation) travels with the batch as its `hold`.
+//! The kernel completes an I/O through task work on the thread that submitted it, so
+//! the ring is set up without `COOP_TASKRUN`/`SINGLE_ISSUER`: a submitter that went to
+//! sleep (in `epoll_wait`, or parked) is woken to post the completion.
+//!
+//! Ownership: the buffers of an I/O are owned by the batch, which lives in the ring's
+//! state until every part has completed; only then are they handed back (or dropped, if
+//! the caller went away). A caller's future can be dropped at any point without leaving
+//! the kernel writing into freed memory. Anything else the caller wants kept alive until
+//! the I/O is over (a slot reservation) travels with the batch as its `hold`.
 //!
 //! Short reads and writes are resubmitted for the remainder; EINTR and EAGAIN are
 //! retried. Reads past the end of the file leave the rest of the buffer zeroed (the
@@ -19,13 +27,16 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use io_uring::{IoUring, opcode, squeue, types};
+use parking_lot::Mutex;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use crate::block::{BLOCK_SIZE, Block};
 
@@ -35,8 +46,9 @@ pub(crate) const MAX_PART_BLOCKS: usize = 1024;
 /// Retries of one part after EINTR/EAGAIN before giving up.
 const MAX_RETRIES: u32 = 1000;
 
-/// `user_data` of the eventfd read.
-const WAKE_TOKEN: u64 = u64::MAX;
+/// How often the reaper retries a submission the kernel refused for the moment
+/// (EAGAIN/EBUSY) when no completion wakes it earlier.
+const RESUBMIT_INTERVAL: Duration = Duration::from_millis(1);
 
 /// What one part of a batch does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +72,9 @@ pub(crate) struct IoPart {
     offset: u64,
     /// Buffers read into or written from, one block each, in file order.
     pub(crate) bufs: Vec<Box<Block>>,
+    /// Or, for a read into one contiguous allocation (one iovec instead of one per
+    /// block): the blocks, in file order. Only one of `bufs` and `span` is non-empty.
+    pub(crate) span: Vec<Block>,
     /// Set by the worker when the part is done.
     pub(crate) result: io::Result<()>,
 }
@@ -71,6 +86,7 @@ impl IoPart {
             kind,
             offset,
             bufs,
+            span: Vec::new(),
             result: Err(io::Error::other("I/O not run")),
         }
     }
@@ -79,6 +95,15 @@ impl IoPart {
     pub(crate) fn read(file: Arc<OwnedFd>, offset: u64, bufs: Vec<Box<Block>>) -> IoPart {
         debug_assert!(!bufs.is_empty() && bufs.len() <= MAX_PART_BLOCKS);
         IoPart::new(file, IoKind::Read, offset, bufs)
+    }
+
+    /// Reads `span.len()` blocks (at most [`MAX_PART_BLOCKS`]) starting at byte
+    /// `offset` into one contiguous buffer.
+    pub(crate) fn read_span(file: Arc<OwnedFd>, offset: u64, span: Vec<Block>) -> IoPart {
+        debug_assert!(!span.is_empty() && span.len() <= MAX_PART_BLOCKS);
+        let mut part = IoPart::new(file, IoKind::Read, offset, Vec::new());
+        part.span = span;
+        part
     }
 
     /// Writes `bufs` (at most [`MAX_PART_BLOCKS`]) starting at byte `offset`.
@@ -109,11 +134,11 @@ impl IoPart {
     }
 
     fn total_bytes(&self) -> usize {
-        self.bufs.len() * BLOCK_SIZE
+        (self.bufs.len() + self.span.len()) * BLOCK_SIZE
     }
 }
 
-/// Called by the worker with the finished parts.
+/// Called with the finished parts once every part of a batch has completed.
 type Completion = Box<dyn FnOnce(Vec<IoPart>) + Send>;
 
 struct IoBatch {
@@ -121,91 +146,93 @@ struct IoBatch {
     complete: Completion,
 }
 
-/// State shared by the store and its worker thread.
-#[derive(Debug)]
+/// State shared by the callers, the reaper and the handle.
 struct Shared {
-    eventfd: OwnedFd,
-    /// An eventfd write is on its way and the worker has not drained the channel since.
-    wake_pending: AtomicBool,
+    state: Mutex<State>,
+    /// The ring's descriptor (owned by `state.ring`, which lives as long as this).
+    ring_fd: RawFd,
+    /// Wakes the reaper when a submission was left in the queue.
+    kick: Notify,
 }
 
-impl Shared {
-    fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-        let rc = unsafe {
-            libc::write(
-                self.eventfd.as_raw_fd(),
-                std::ptr::from_ref(&one).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
-        if rc < 0 {
-            // Only possible if the counter would overflow (2^64 - 2 pending wakes),
-            // in which case the worker is awake anyway.
-            tracing::warn!(error = %io::Error::last_os_error(), "waking the io_uring worker");
-        }
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("ring_fd", &self.ring_fd)
+            .finish_non_exhaustive()
     }
 }
 
-/// Handle on the worker thread. Dropping it lets in-flight I/O finish, then stops and
-/// joins the thread.
+impl Shared {
+    /// Submits what is waiting and reaps what has completed (including what completed
+    /// during the submission, like page cache hits), resubmitting retries; then runs
+    /// the completions of finished batches (outside the lock). Returns whether entries
+    /// are still waiting in the submission queue.
+    fn progress(&self) -> bool {
+        let (finished, pending) = {
+            let mut state = self.state.lock();
+            state.push_backlog();
+            let mut pending = state.submit();
+            if state.reap() {
+                state.push_backlog();
+                pending = state.submit();
+            }
+            (std::mem::take(&mut state.finished), pending)
+        };
+        for (complete, parts) in finished {
+            complete(parts);
+        }
+        pending
+    }
+}
+
+/// The ring's descriptor as the reaper's `AsyncFd` sees it; keeps the ring alive.
+struct RingFd(Arc<Shared>);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.ring_fd
+    }
+}
+
+/// Where the reaper runs.
+#[derive(Debug)]
+enum Reaper {
+    /// A task on the runtime the ring was started in.
+    Task(tokio::task::JoinHandle<()>),
+    /// A thread with a runtime of its own (the ring was started outside a runtime).
+    Thread {
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<JoinHandle<()>>,
+    },
+}
+
+/// Handle on the ring. Dropping it lets in-flight I/O finish, then stops the reaper.
 #[derive(Debug)]
 pub(crate) struct Ring {
     shared: Arc<Shared>,
-    tx: Option<mpsc::Sender<IoBatch>>,
-    thread: Option<JoinHandle<()>>,
+    reaper: Reaper,
 }
 
 impl Ring {
-    /// Starts a worker with a ring of `entries` submission entries.
+    /// Sets up a ring of `entries` submission entries. Inside a tokio runtime (with I/O
+    /// enabled) the reaper is a task on it; otherwise a thread.
     pub(crate) fn start(entries: u32) -> io::Result<Ring> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh eventfd that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let ring = build_ring(entries)?;
+        let ring_fd = ring.as_raw_fd();
         let shared = Arc::new(Shared {
-            eventfd,
-            wake_pending: AtomicBool::new(false),
+            state: Mutex::new(State::new(ring)),
+            ring_fd,
+            kick: Notify::new(),
         });
-        let (tx, rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let worker_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("trireme-uring".to_owned())
-            .spawn(move || {
-                // The ring is created on the thread that uses it: with SINGLE_ISSUER the
-                // creating task becomes the only one allowed to submit.
-                let ring = match build_ring(entries) {
-                    Ok(ring) => {
-                        let _ = ready_tx.send(Ok(()));
-                        ring
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                Worker::new(ring, rx, worker_shared).run();
-            })?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Ring {
-                shared,
-                tx: Some(tx),
-                thread: Some(thread),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(io::Error::other("io_uring worker died during startup"))
-            }
-        }
+        let reaper = match tokio::runtime::Handle::try_current() {
+            Ok(handle) => match register(&handle, &shared) {
+                Some(fd) => Reaper::Task(handle.spawn(reap(fd))),
+                None => reaper_thread(&shared)?,
+            },
+            Err(_) => reaper_thread(&shared)?,
+        };
+        Ok(Ring { shared, reaper })
     }
 
     /// Runs `parts` as one submission and returns them with their results, together
@@ -224,46 +251,142 @@ impl Ring {
                 let _ = done_tx.send((parts, hold));
             }),
         };
-        let stopped = || io::Error::other("io_uring worker has stopped");
-        let tx = self.tx.as_ref().ok_or_else(stopped)?;
-        tx.send(batch).map_err(|_| stopped())?;
-        if !self.shared.wake_pending.swap(true, Ordering::AcqRel) {
-            self.shared.wake();
+        self.shared.state.lock().accept(batch);
+        if self.shared.progress() {
+            // The kernel refused part of the submission for now; the reaper retries.
+            self.shared.kick.notify_one();
         }
-        done_rx.await.map_err(|_| stopped())
+        done_rx
+            .await
+            .map_err(|_| io::Error::other("io_uring has stopped"))
     }
 }
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        // Closing the channel and waking the worker makes it stop taking work; it
-        // exits once the I/O already in the ring has completed.
-        self.tx = None;
-        self.shared.wake();
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!("io_uring worker panicked");
+        // The caller's handle is gone, so no new work arrives: wait here for the I/O
+        // already in the ring, then stop the reaper.
+        let finished = {
+            let mut state = self.shared.state.lock();
+            state.drain();
+            std::mem::take(&mut state.finished)
+        };
+        for (complete, parts) in finished {
+            complete(parts);
+        }
+        match &mut self.reaper {
+            Reaper::Task(task) => task.abort(),
+            Reaper::Thread { stop, thread } => {
+                drop(stop.take());
+                if let Some(thread) = thread.take()
+                    && thread.join().is_err()
+                {
+                    tracing::error!("io_uring reaper panicked");
+                }
+            }
+        }
+    }
+}
+
+/// Registers the ring with the runtime's reactor; `None` if the runtime has no I/O
+/// driver.
+fn register(handle: &tokio::runtime::Handle, shared: &Arc<Shared>) -> Option<AsyncFd<RingFd>> {
+    let _guard = handle.enter();
+    // AsyncFd::new panics on a runtime built without I/O; fall back to a thread then.
+    let fd = RingFd(Arc::clone(shared));
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| register_fd(fd))) {
+        Ok(Ok(fd)) => Some(fd),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "registering the io_uring; using a reaper thread");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Registers the ring's descriptor with the current runtime's reactor.
+fn register_fd(fd: RingFd) -> io::Result<AsyncFd<RingFd>> {
+    // SAFETY: the descriptor is the ring's, owned by the `State` inside the `Shared`
+    // that `RingFd` keeps alive, so it stays open and unchanged for the whole life of
+    // the `AsyncFd`.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
+}
+
+fn reaper_thread(shared: &Arc<Shared>) -> io::Result<Reaper> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let fd = {
+        let _guard = runtime.enter();
+        register_fd(RingFd(Arc::clone(shared)))?
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("trireme-uring".to_owned())
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = reap(fd) => {}
+                    _ = stop_rx => {}
+                }
+            });
+        })?;
+    Ok(Reaper::Thread {
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+/// The reaper: reaps completions whenever the ring polls readable, and retries
+/// submissions the kernel refused for the moment.
+async fn reap(fd: AsyncFd<RingFd>) {
+    let shared = Arc::clone(&fd.get_ref().0);
+    let mut pending = false;
+    loop {
+        let ready = if pending {
+            tokio::select! {
+                ready = fd.readable() => Some(ready),
+                () = shared.kick.notified() => None,
+                () = tokio::time::sleep(RESUBMIT_INTERVAL) => None,
+            }
+        } else {
+            tokio::select! {
+                ready = fd.readable() => Some(ready),
+                () = shared.kick.notified() => None,
+            }
+        };
+        match ready {
+            Some(Ok(mut guard)) => {
+                pending = shared.progress();
+                // Readiness is cleared only if no completion is waiting; one posted
+                // after this check raises a new edge (and a new readiness tick, which
+                // `clear_ready` leaves alone).
+                if shared.state.lock().ring.completion().is_empty() {
+                    guard.clear_ready();
+                }
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "polling the io_uring failed; reaper stops");
+                return;
+            }
+            None => pending = shared.progress(),
         }
     }
 }
 
 fn build_ring(entries: u32) -> io::Result<IoUring> {
     let entries = entries.clamp(8, 32768);
-    // Task work only runs when the worker enters the kernel, which it does to wait
-    // anyway; older kernels refuse these flags, so fall back to a plain ring.
-    match IoUring::builder()
-        .setup_single_issuer()
-        .setup_coop_taskrun()
-        .build(entries)
-    {
+    // Any thread may submit, so neither SINGLE_ISSUER nor COOP_TASKRUN (completions run
+    // as task work on the submitting thread, which must be woken for them). SUBMIT_ALL
+    // keeps submitting past an entry that fails; older kernels refuse it.
+    match IoUring::builder().setup_submit_all().build(entries) {
         Ok(ring) => Ok(ring),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries),
         Err(e) => Err(e),
     }
 }
 
-/// Worker-side progress of one part.
+/// Progress of one part.
 struct Progress {
     /// Bytes transferred so far.
     done: usize,
@@ -280,20 +403,18 @@ struct InFlight {
     complete: Option<Completion>,
 }
 
-struct Worker {
+/// The ring and the I/O it carries.
+struct State {
     ring: IoUring,
-    rx: mpsc::Receiver<IoBatch>,
-    shared: Arc<Shared>,
     batches: Vec<Option<InFlight>>,
     vacant: Vec<usize>,
     /// `user_data` of parts waiting for room in the ring.
     backlog: VecDeque<u64>,
+    /// Entries pushed to the submission queue whose completion has not been reaped.
     in_flight: usize,
     max_in_flight: usize,
-    /// Target of the eventfd read; boxed so its address is stable.
-    wake_buf: Box<u64>,
-    wake_armed: bool,
-    closing: bool,
+    /// Batches finished under the lock, to be completed once it is released.
+    finished: Vec<(Completion, Vec<IoPart>)>,
 }
 
 fn user_data(batch: usize, part: usize) -> u64 {
@@ -310,29 +431,51 @@ fn split_user_data(data: u64) -> (usize, usize) {
     (batch, part)
 }
 
-impl Worker {
-    fn new(ring: IoUring, rx: mpsc::Receiver<IoBatch>, shared: Arc<Shared>) -> Worker {
+// SAFETY: the raw pointers in a `State` (the iovecs of parts in flight) point into
+// buffers that the same `State` owns; nothing ties them to a thread.
+unsafe impl Send for State {}
+
+impl State {
+    fn new(ring: IoUring) -> State {
         let max_in_flight = ring.params().sq_entries().try_into().unwrap_or(usize::MAX);
-        Worker {
+        State {
             ring,
-            rx,
-            shared,
             batches: Vec::new(),
             vacant: Vec::new(),
             backlog: VecDeque::new(),
             in_flight: 0,
             max_in_flight,
-            wake_buf: Box::new(0),
-            wake_armed: false,
-            closing: false,
+            finished: Vec::new(),
         }
     }
 
-    fn run(mut self) {
-        self.arm_wake();
+    /// Hands the queued entries to the kernel without waiting. Returns whether some are
+    /// still queued (the kernel refused them for now).
+    fn submit(&mut self) -> bool {
+        let mut interrupted = 0;
+        while !self.ring.submission().is_empty() {
+            match self.ring.submit() {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) && interrupted < MAX_RETRIES => {
+                    interrupted += 1;
+                }
+                Err(e) => {
+                    if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) {
+                        tracing::error!(error = %e, "io_uring_enter failed; retrying");
+                    }
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Waits for every part, queued or in flight, to complete (the ring is going away).
+    fn drain(&mut self) {
         loop {
             self.push_backlog();
-            if self.closing && self.in_flight == 0 && self.backlog.is_empty() {
+            if self.in_flight == 0 && self.backlog.is_empty() {
                 break;
             }
             match self.ring.submit_and_wait(1) {
@@ -341,10 +484,7 @@ impl Worker {
                     if matches!(
                         e.raw_os_error(),
                         Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                    ) =>
-                {
-                    // EBUSY: the completion queue is full; reaping below makes room.
-                }
+                    ) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "io_uring_enter failed; retrying");
                     std::thread::sleep(std::time::Duration::from_millis(10));
@@ -352,25 +492,6 @@ impl Worker {
             }
             self.reap();
         }
-        tracing::debug!("io_uring worker stopped");
-    }
-
-    /// Keeps a read of the eventfd in the ring while the store is open.
-    fn arm_wake(&mut self) {
-        if self.wake_armed || self.closing {
-            return;
-        }
-        let entry = opcode::Read::new(
-            types::Fd(self.shared.eventfd.as_raw_fd()),
-            std::ptr::from_mut::<u64>(&mut self.wake_buf).cast::<u8>(),
-            8,
-        )
-        .build()
-        .user_data(WAKE_TOKEN);
-        if self.push(&entry) {
-            self.wake_armed = true;
-        }
-        // Otherwise the ring is full of I/O; `push_backlog` retries after a completion.
     }
 
     fn push(&mut self, entry: &squeue::Entry) -> bool {
@@ -378,8 +499,8 @@ impl Worker {
             return false;
         }
         // SAFETY: every buffer and iovec the entry points to is owned by an `InFlight`
-        // batch (or by `self.wake_buf`) that is only released after its completion has
-        // been reaped.
+        // batch that is only released after its completion has been reaped (the ring
+        // waits for in-flight I/O before it is dropped).
         let pushed = unsafe { self.ring.submission().push(entry) }.is_ok();
         if pushed {
             self.in_flight += 1;
@@ -388,9 +509,6 @@ impl Worker {
     }
 
     fn push_backlog(&mut self) {
-        if !self.wake_armed && !self.closing {
-            self.arm_wake();
-        }
         while let Some(&data) = self.backlog.front() {
             if self.in_flight >= self.max_in_flight {
                 break;
@@ -417,6 +535,16 @@ impl Worker {
         let entry = match io.kind {
             IoKind::Read | IoKind::Write => {
                 progress.iovecs.clear();
+                if !io.span.is_empty() {
+                    let total = io.span.len() * BLOCK_SIZE;
+                    progress.iovecs.push(libc::iovec {
+                        // SAFETY: `done` < `total`, the byte length of the span, so the
+                        // pointer stays inside its allocation.
+                        iov_base: unsafe { io.span.as_mut_ptr().cast::<u8>().add(progress.done) }
+                            .cast(),
+                        iov_len: total - progress.done,
+                    });
+                }
                 let first = progress.done / BLOCK_SIZE;
                 let mut skip = progress.done % BLOCK_SIZE;
                 for buf in io.bufs.iter_mut().skip(first) {
@@ -449,37 +577,17 @@ impl Worker {
         Some(entry.user_data(data))
     }
 
-    fn reap(&mut self) {
-        let completions: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|cqe| (cqe.user_data(), cqe.result()))
-            .collect();
-        for (data, result) in completions {
-            self.in_flight = self.in_flight.saturating_sub(1);
-            if data == WAKE_TOKEN {
-                self.wake_armed = false;
-                self.take_new_work();
-            } else {
-                self.complete_part(data, result);
-            }
-        }
-    }
-
-    /// Moves every batch waiting in the channel into the ring's backlog.
-    fn take_new_work(&mut self) {
-        // Clearing the flag before draining: a sender that finds it set has already
-        // queued its batch, which the drain below sees (the swaps synchronise).
-        self.shared.wake_pending.swap(false, Ordering::AcqRel);
+    /// Handles every completion waiting in the completion queue; returns whether
+    /// there was any.
+    fn reap(&mut self) -> bool {
+        let mut any = false;
         loop {
-            match self.rx.try_recv() {
-                Ok(batch) => self.accept(batch),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    self.closing = true;
-                    break;
-                }
-            }
+            let Some(cqe) = self.ring.completion().next() else {
+                return any;
+            };
+            any = true;
+            self.in_flight = self.in_flight.saturating_sub(1);
+            self.complete_part(cqe.user_data(), cqe.result());
         }
     }
 
@@ -557,6 +665,16 @@ impl Worker {
             parts, complete, ..
         } = flight;
         if let Some(complete) = complete {
+            self.finished.push((complete, parts));
+        }
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // Normally drained by `Ring::drop` already; the buffers must outlive the I/O.
+        self.drain();
+        for (complete, parts) in std::mem::take(&mut self.finished) {
             complete(parts);
         }
     }
@@ -581,7 +699,8 @@ fn part_outcome(io: &mut IoPart, progress: &mut Progress, result: i32) -> Option
                 Some(Ok(()))
             } else if n == 0 && io.kind == IoKind::Read {
                 // End of file: whatever was not read stays zero.
-                zero_from(&mut io.bufs, progress.done);
+                zero_from(io.bufs.iter_mut().map(|b| &mut **b), progress.done);
+                zero_from(io.span.iter_mut(), progress.done);
                 Some(Ok(()))
             } else if n == 0 {
                 Some(Err(io::Error::new(
@@ -596,10 +715,10 @@ fn part_outcome(io: &mut IoPart, progress: &mut Progress, result: i32) -> Option
 }
 
 /// Zeroes every byte of `bufs` from byte `from` on.
-fn zero_from(bufs: &mut [Box<Block>], from: usize) {
+fn zero_from<'a>(bufs: impl Iterator<Item = &'a mut Block>, from: usize) {
     let first = from / BLOCK_SIZE;
     let mut skip = from % BLOCK_SIZE;
-    for buf in bufs.iter_mut().skip(first) {
+    for buf in bufs.skip(first) {
         buf.0[skip..].fill(0);
         skip = 0;
     }
@@ -696,6 +815,40 @@ mod tests {
         assert!(parts[0].bufs[0].0[..2048].iter().all(|&b| b == 0));
         assert!(parts[0].bufs[0].0[2048..].iter().all(|&b| b == 0));
         assert!(parts[0].bufs[1].0.iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test]
+    async fn span_read_is_contiguous_and_zero_filled_past_the_end() {
+        let ring = Ring::start(8).unwrap_or_else(|e| panic!("ring: {e}"));
+        let file = tempfile::tempfile().unwrap_or_else(|e| panic!("tempfile: {e}"));
+        let fd = file_fd(&file);
+        let bufs = vec![filled(1), filled(2), filled(3)];
+        let (parts, ()) = ring
+            .run(vec![IoPart::write(Arc::clone(&fd), 0, bufs)], ())
+            .await
+            .unwrap_or_else(|e| panic!("run: {e}"));
+        assert!(parts[0].result.is_ok());
+        file.set_len(2 * 4096 + 100)
+            .unwrap_or_else(|e| panic!("set_len: {e}"));
+        let mut span = Block::zeroed_vec(4);
+        for block in &mut span {
+            block.0.fill(0x77);
+        }
+        let addr = span.as_ptr().addr();
+        assert_eq!(addr % BLOCK_SIZE, 0);
+        let (parts, ()) = ring
+            .run(vec![IoPart::read_span(Arc::clone(&fd), 0, span)], ())
+            .await
+            .unwrap_or_else(|e| panic!("run: {e}"));
+        assert!(parts[0].result.is_ok());
+        let span = &parts[0].span;
+        assert!(span[0].0.iter().all(|&b| b == 1));
+        assert!(span[1].0.iter().all(|&b| b == 2));
+        assert!(span[2].0[..100].iter().all(|&b| b == 3));
+        assert!(span[2].0[100..].iter().all(|&b| b == 0));
+        assert!(span[3].0.iter().all(|&b| b == 0));
+        let copy = span[1].boxed_copy();
+        assert_eq!(copy.crc(), span[1].crc());
     }
 
     #[tokio::test]

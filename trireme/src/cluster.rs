@@ -68,9 +68,6 @@ pub struct NodeConfig {
     /// Use O_DIRECT for data files where the filesystem allows it.
     #[serde(default = "default_true")]
     pub direct_io: bool,
-    /// Async worker threads (default: one per core).
-    #[serde(default)]
-    pub worker_threads: Option<usize>,
 }
 
 fn default_true() -> bool {

@@ -135,7 +135,6 @@ fn start_node(dir: &ClusterDir, node: &NodeEntry, exe: &Path) -> Result<()> {
         tls_cert: None,
         tls_key: None,
         direct_io: true,
-        worker_threads: None,
     };
     let config_path = root.join(&node.name).join("node.json");
     write_atomic(&config_path, &serde_json::to_vec_pretty(&config)?)?;

@@ -58,14 +58,19 @@ pub fn run(config_path: &Path) -> Result<()> {
         direct_io: cfg.direct_io,
         ..StoreOptions::default()
     };
-    let engine = Arc::new(
-        Engine::open(&cfg.data_dir, master, options)
-            .with_context(|| format!("opening the block store in {}", cfg.data_dir.display()))?,
-    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("trireme-node")
         .build()?;
+    // Opened inside the runtime: the store's io_uring is reaped by a task on it.
+    let engine = {
+        let _runtime = runtime.enter();
+        Arc::new(
+            Engine::open(&cfg.data_dir, master, options).with_context(|| {
+                format!("opening the block store in {}", cfg.data_dir.display())
+            })?,
+        )
+    };
     runtime.block_on(serve(cfg, config_path, engine))
 }
 

@@ -12,6 +12,8 @@ echo "== cargo clippy"
 cargo clippy --release --workspace --all-targets --all-features -- -D warnings
 echo "== build"
 cargo build --release --workspace --all-targets
+echo "== fuzz the NBD handshake and request parser (30 s each)"
+scripts/fuzz.sh 30
 echo "== tests"
 # One test binary at a time keeps the end-to-end tests' node processes and ports apart.
 cargo test --release --workspace -- --test-threads="${TEST_THREADS:-2}"

@@ -15,5 +15,6 @@ cargo build --release --workspace --all-targets
 echo "== fuzz the NBD handshake and request parser (30 s each)"
 scripts/fuzz.sh 30
 echo "== tests"
-# One test binary at a time keeps the end-to-end tests' node processes and ports apart.
+# Two tests at a time within each test binary; every end-to-end test has its own
+# cluster folder and ports.
 cargo test --release --workspace -- --test-threads="${TEST_THREADS:-2}"

@@ -142,6 +142,16 @@ impl DataFile {
         Ok(())
     }
 
+    /// fdatasync of the file, outside the ring (at open, before the ring is used).
+    pub(crate) fn sync_data(&self) -> io::Result<()> {
+        let fd = self.fd();
+        // SAFETY: plain syscall on a descriptor that stays open for the call.
+        if unsafe { libc::fdatasync(fd.as_raw_fd()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Records that data was written (before the index entry pointing at it).
     pub(crate) fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::Release);

@@ -11,9 +11,26 @@
 //! sync; `sync` first fdatasyncs every data file written since the previous sync and
 //! then syncs the WAL, so a synced index entry always points at synced data. A process
 //! kill loses nothing that completed (the page cache survives it). A power cut loses
-//! what was not synced; a block written after the last sync may then read as
-//! [`StoreError::Corrupt`] if its index entry reached the disk and its data did not,
-//! which the writer repairs from another copy.
+//! what was not synced, and may keep the index entry of a write whose data it lost (the
+//! WAL reached the disk, the device cache holding the data did not). So that such a
+//! block reads as its last durable version rather than failing its checksum:
+//!
+//! - Syncs are counted in *generations*. A sync closes the current generation `g`
+//!   (entries committed from then on get `g + 1`), fdatasyncs the data files, and ends
+//!   with a synced rocksdb write of the record `synced generation = g`, which also syncs
+//!   the WAL. Every entry of generation `<= g` then has its index entry and its data on
+//!   disk: its data was written before its entry was committed, hence before `g` was
+//!   closed, hence before the fdatasync was issued.
+//! - Each index entry records its generation and the older versions of the block that
+//!   may be its last durable one (the newest version of generation `<= k` for every
+//!   generation `k` that may still turn out to be the last completed sync; see
+//!   `index.rs`). Their slots are not reused before that is settled: a slot freed by an
+//!   overwrite is reused only after a sync that made the overwriting entry durable.
+//! - `open` reads the data of every entry of a generation after the last completed
+//!   sync and checks its CRC. An entry whose data did not land is replaced by its last
+//!   durable version, or removed if it has none. The repairs are made durable with the
+//!   data files and a new synced generation before the free slots are rebuilt, so every
+//!   entry is then durable and the slots of the versions no longer needed are free.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -32,7 +49,7 @@ use rocksdb::{
 use crate::block::{BLOCK_BYTES, Block, BlockMeta, BlockWrite, Extent, VolumeId};
 use crate::datafile::DataFile;
 use crate::error::StoreError;
-use crate::index::{self, INDEX_CF, IndexEntry, META_CF};
+use crate::index::{self, INDEX_CF, IndexEntry, META_CF, Version};
 use crate::slots::{self, SlotMap, SlotRun};
 use crate::uring::{IoPart, MAX_PART_BLOCKS, Ring};
 
@@ -47,6 +64,13 @@ const SPAN_POOL: usize = 16;
 
 /// Largest read buffer kept for reuse (1 MiB), which bounds the pool to 16 MiB.
 const SPAN_POOL_MAX_BLOCKS: usize = 256;
+
+/// Key of the metadata record holding the last completed sync generation (u64 LE).
+/// Keys under `replica/` are reserved for the store.
+const SYNCED_GENERATION_KEY: &str = "replica/synced-generation";
+
+/// Prefix of the metadata keys reserved for the store itself.
+const RESERVED_META_PREFIX: &str = "replica/";
 
 /// Index entries a discard removes per rocksdb batch; bounds the memory and the time the
 /// volume's commit lock is held for a discard of a whole disk.
@@ -121,6 +145,16 @@ impl Drop for ReadPin<'_> {
     }
 }
 
+/// Sync generations: what a commit reads to stamp its entries.
+#[derive(Debug, Clone, Copy)]
+struct Generations {
+    /// Generation of the entries committed now.
+    current: u64,
+    /// Last generation whose sync has completed (its record is on disk). A sync in
+    /// flight has closed `current - 1`; otherwise `synced == current - 1`.
+    synced: u64,
+}
+
 /// Blocks read back, one element per block of the range.
 type ReadResult = Vec<Option<(BlockMeta, Box<Block>)>>;
 
@@ -142,6 +176,10 @@ pub struct Store {
     sync_lock: tokio::sync::Mutex<()>,
     syncs_started: AtomicU64,
     last_good_sync: AtomicU64,
+    /// Sync generations. Read by every commit and changed by syncs under this lock, so
+    /// a commit's data write and `mark_dirty` happen before a sync that closes the
+    /// generation it read takes the dirty flags.
+    generations: Mutex<Generations>,
     /// Set when a data file or WAL sync failed: the store refuses further writes and
     /// syncs (the node must be rebuilt; a failed fsync cannot be retried).
     failure: Mutex<Option<String>>,
@@ -205,6 +243,8 @@ fn rocksdb_options() -> (Options, Options, Options) {
 
 /// Index entries of one volume seen while scanning the index at open.
 struct VolumeScan {
+    /// The data file, opened again (buffered) to check the data of unsynced entries.
+    reader: fs::File,
     file_slots: u64,
     /// One bit per slot of the file.
     referenced: Vec<u64>,
@@ -214,28 +254,55 @@ struct VolumeScan {
     live: u64,
     duplicates: u64,
     malformed: u64,
+    /// Unsynced entries whose data was checked, and those that were repaired.
+    checked: u64,
+    restored: u64,
+    removed: u64,
 }
 
 impl VolumeScan {
-    fn new(file_slots: u64) -> VolumeScan {
+    fn new(reader: fs::File, file_slots: u64) -> VolumeScan {
         let words = usize::try_from(file_slots.div_ceil(64)).unwrap_or(usize::MAX);
         VolumeScan {
+            reader,
             file_slots,
             referenced: vec![0; words],
             beyond: BTreeSet::new(),
             live: 0,
             duplicates: 0,
             malformed: 0,
+            checked: 0,
+            restored: 0,
+            removed: 0,
         }
     }
 
-    fn add(&mut self, value: &[u8]) {
-        self.live += 1;
-        let Some(entry) = IndexEntry::decode(value) else {
-            self.malformed += 1;
-            return;
+    /// Whether the data in `slot` matches `crc`. A slot that cannot be read (past the
+    /// end of the file, an I/O error) does not.
+    fn verify(&self, slot: u64, crc: u32, buf: &mut Block) -> bool {
+        use std::os::unix::fs::FileExt;
+        let Ok(offset) = slot_offset(slot) else {
+            return false;
         };
-        let slot = entry.slot;
+        match self.reader.read_exact_at(&mut buf.0, offset) {
+            Ok(()) => buf.crc() == crc,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
+            Err(e) => {
+                tracing::warn!(slot, error = %e, "reading unsynced block data at open");
+                false
+            }
+        }
+    }
+
+    /// Counts a live entry that cannot be decoded.
+    fn add_malformed(&mut self) {
+        self.live += 1;
+        self.malformed += 1;
+    }
+
+    /// Counts a live entry and the slot it references.
+    fn add(&mut self, slot: u64) {
+        self.live += 1;
         let fresh = if slot < self.file_slots {
             let word = usize::try_from(slot / 64).unwrap_or(usize::MAX);
             let bit = 1u64 << (slot % 64);
@@ -271,8 +338,10 @@ impl VolumeScan {
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`: the rocksdb index in `dir/index`,
-    /// data files in `dir/data`. Rebuilds every volume's free slots from its index and
-    /// cuts off unreferenced slots at the end of each data file.
+    /// data files in `dir/data`. Checks the data of every write after the last completed
+    /// sync, putting back the last durable version of blocks whose data was lost (power
+    /// cut), and makes the result durable. Then rebuilds every volume's free slots from
+    /// its index and cuts off unreferenced slots at the end of each data file.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
         let data_dir = dir.join("data");
         fs::create_dir_all(&data_dir)
@@ -315,6 +384,10 @@ impl Store {
             sync_lock: tokio::sync::Mutex::new(()),
             syncs_started: AtomicU64::new(0),
             last_good_sync: AtomicU64::new(0),
+            generations: Mutex::new(Generations {
+                current: 1,
+                synced: 0,
+            }),
             failure: Mutex::new(None),
             spans: Mutex::new(Vec::new()),
         };
@@ -326,17 +399,25 @@ impl Store {
     /// volume's slot map, and removes index entries of volumes without a data file
     /// (left by a crash during `delete_volume`).
     fn load_volumes(&mut self, mut files: HashMap<VolumeId, DataFile>) -> Result<(), StoreError> {
+        let synced = self.stored_synced_generation()?;
         let mut scans: HashMap<VolumeId, VolumeScan> = HashMap::new();
         for (&vol, file) in &files {
             let slots = file
                 .slots()
                 .map_err(|e| StoreError::io("reading a data file's size", e))?;
-            scans.insert(vol, VolumeScan::new(slots));
+            let reader = fs::File::open(self.data_file_path(vol))
+                .map_err(|e| StoreError::io("opening a data file", e))?;
+            scans.insert(vol, VolumeScan::new(reader, slots));
         }
         let mut orphans = BTreeSet::new();
         let mut bad_keys = 0u64;
+        // Repairs of unsynced entries whose data did not land, and the highest
+        // generation of the entries kept.
+        let mut repairs = WriteBatch::default();
+        let mut newest = synced;
         {
             let cf = self.cf(INDEX_CF)?;
+            let mut buf = Block::zeroed();
             let mut iter = self.db.raw_iterator_cf(cf);
             iter.seek_to_first();
             while iter.valid() {
@@ -345,8 +426,39 @@ impl Store {
                 };
                 match index::decode_key(key) {
                     None => bad_keys += 1,
-                    Some((vol, _)) => match scans.get_mut(&vol) {
-                        Some(scan) => scan.add(value),
+                    Some((vol, block)) => match scans.get_mut(&vol) {
+                        Some(scan) => match IndexEntry::decode(value) {
+                            None => scan.add_malformed(),
+                            Some(entry) => match check_entry(scan, synced, &entry, &mut buf) {
+                                Kept::Current => {
+                                    newest = newest.max(entry.generation);
+                                    scan.add(entry.slot);
+                                }
+                                Kept::Restored(version) => {
+                                    newest = newest.max(version.generation);
+                                    scan.add(version.slot);
+                                    repairs.put_cf(cf, key, IndexEntry::new(version).encode());
+                                    tracing::warn!(
+                                        volume = format_args!("{vol:016x}"),
+                                        block,
+                                        lost = entry.meta.version,
+                                        restored = version.meta.version,
+                                        "data of an unsynced write was lost; \
+                                             restored the last durable version"
+                                    );
+                                }
+                                Kept::Nothing => {
+                                    repairs.delete_cf(cf, key);
+                                    tracing::warn!(
+                                        volume = format_args!("{vol:016x}"),
+                                        block,
+                                        lost = entry.meta.version,
+                                        "data of an unsynced write was lost; the \
+                                             block had no durable version, removed"
+                                    );
+                                }
+                            },
+                        },
                         None => {
                             orphans.insert(vol);
                         }
@@ -366,12 +478,43 @@ impl Store {
             );
             self.delete_index_range(vol)?;
         }
+        // Every entry left is made durable before any slot is freed or cut off: the
+        // data files (unsynced entries whose data verified may still be in a volatile
+        // cache), then the repairs together with a new synced generation above every
+        // entry's, in one synced write. From then on no entry needs an older version,
+        // so the slots referenced only as older versions are free.
+        for file in files.values() {
+            file.sync_data()
+                .map_err(|e| StoreError::io("syncing a data file at open", e))?;
+        }
+        let synced = newest.saturating_add(1);
+        repairs.put_cf(
+            self.cf(META_CF)?,
+            SYNCED_GENERATION_KEY,
+            synced.to_le_bytes(),
+        );
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(repairs, &options)?;
+        *self.generations.lock() = Generations {
+            current: synced.saturating_add(1),
+            synced,
+        };
 
         let mut volumes = HashMap::new();
         for (vol, file) in files.drain() {
             let Some(scan) = scans.remove(&vol) else {
                 continue;
             };
+            if scan.checked > 0 {
+                tracing::info!(
+                    volume = format_args!("{vol:016x}"),
+                    checked = scan.checked,
+                    restored = scan.restored,
+                    removed = scan.removed,
+                    "checked the data of writes after the last sync"
+                );
+            }
             if scan.duplicates > 0 || scan.malformed > 0 || !scan.beyond.is_empty() {
                 tracing::error!(
                     volume = format_args!("{vol:016x}"),
@@ -407,6 +550,22 @@ impl Store {
         }
         *self.volumes.write() = volumes;
         Ok(())
+    }
+
+    /// The last completed sync generation recorded in the index (0 for a new store).
+    fn stored_synced_generation(&self) -> Result<u64, StoreError> {
+        match self.db.get_cf(self.cf(META_CF)?, SYNCED_GENERATION_KEY)? {
+            None => Ok(0),
+            Some(value) => {
+                let bytes: [u8; 8] = value.as_slice().try_into().map_err(|_| {
+                    StoreError::Failed(format!(
+                        "malformed synced generation record ({} bytes)",
+                        value.len()
+                    ))
+                })?;
+                Ok(u64::from_le_bytes(bytes))
+            }
+        }
     }
 
     fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
@@ -590,19 +749,29 @@ impl Store {
             .collect();
         // Keys are sorted: `newest_per_block` sorts the writes by block.
         let olds = self.db.batched_multi_get_cf(cf, keys.iter(), true);
+        // After the data was written and marked dirty: a sync that closes this
+        // generation fdatasyncs it. Before the old slots are freed: a sync that takes
+        // them closes this generation or a later one, so it makes these entries durable.
+        let generations = *self.generations.lock();
         let mut batch = WriteBatch::default();
         let mut freed = Vec::new();
         let mut skipped = Vec::new();
         let mut added = 0u64;
         for ((&(block, meta, slot), key), old) in placed.iter().zip(&keys).zip(olds) {
-            match old? {
-                None => added += 1,
+            let old = match old? {
+                None => {
+                    added += 1;
+                    None
+                }
                 Some(value) => match IndexEntry::decode(&value) {
                     Some(old) if old.meta.version >= meta.version => {
                         skipped.push(slot);
                         continue;
                     }
-                    Some(old) => freed.push(old.slot),
+                    Some(old) => {
+                        freed.push(old.slot);
+                        Some(old)
+                    }
                     None => {
                         // Overwriting repairs the entry; its old slot is unknown and
                         // stays out of use until the next open rebuilds the free set.
@@ -611,10 +780,18 @@ impl Store {
                             block,
                             "malformed index entry overwritten"
                         );
+                        None
                     }
                 },
-            }
-            batch.put_cf(cf, key, IndexEntry { slot, meta }.encode());
+            };
+            let entry = IndexEntry::successor(
+                old.as_ref(),
+                slot,
+                meta,
+                generations.current,
+                generations.synced,
+            );
+            batch.put_cf(cf, key, entry.encode());
         }
         if !batch.is_empty() {
             self.db.write_opt(batch, &self.write_options)?;
@@ -866,8 +1043,10 @@ impl Store {
         Ok(())
     }
 
-    /// Makes every write and discard completed before the call durable: fdatasync of
-    /// every data file written since the previous sync, then a sync of the rocksdb WAL.
+    /// Makes every write and discard completed before the call durable: closes the
+    /// current sync generation, fdatasyncs every data file written since the previous
+    /// sync, then records the generation as synced in a synced rocksdb write (which
+    /// syncs the WAL).
     /// Then slots freed before the call become reusable, their space given back to the
     /// filesystem. A failed sync fails the store (it refuses writes from then on).
     pub async fn sync(&self) -> Result<(), StoreError> {
@@ -887,16 +1066,29 @@ impl Store {
 
     async fn sync_serialised(&self) -> Result<(), StoreError> {
         let volumes: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
-        // Slots freed by index changes made so far; those changes are in the WAL that
-        // is synced below.
+        // Slots freed by index changes made so far: those changes were committed in the
+        // generation closed below or an earlier one, so they are durable once it is.
         let mut taken = Vec::with_capacity(volumes.len());
-        let mut parts = Vec::new();
         for volume in &volumes {
-            let freed = volume.slots.lock().take_freed();
+            taken.push(volume.slots.lock().take_freed());
+        }
+        // Close the current generation: entries committed from now on get the next.
+        let closing = {
+            let mut generations = self.generations.lock();
+            let closing = generations.current;
+            generations.current = closing.saturating_add(1);
+            closing
+        };
+        // Data of every entry of the closed generation was written and marked dirty
+        // before the entry was committed, so before the generation was closed. The
+        // volumes are listed again: one created since the first list may hold such
+        // entries.
+        let mut parts = Vec::new();
+        let dirty: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
+        for volume in &dirty {
             if volume.file.take_dirty() {
                 parts.push(IoPart::data_sync(volume.file.fd()));
             }
-            taken.push(freed);
         }
         let restore = |taken: Vec<Vec<u64>>| {
             for (volume, freed) in volumes.iter().zip(taken) {
@@ -915,11 +1107,20 @@ impl Store {
                 return Err(StoreError::io("syncing data files", e));
             }
         }
-        if let Err(e) = self.db.flush_wal(true) {
+        // The synced write of the record syncs the WAL, and every index change before it.
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        let recorded = self.cf(META_CF).and_then(|cf| {
+            self.db
+                .put_cf_opt(cf, SYNCED_GENERATION_KEY, closing.to_le_bytes(), &options)
+                .map_err(StoreError::Index)
+        });
+        if let Err(e) = recorded {
             restore(taken);
             self.fail(format!("syncing the rocksdb WAL failed: {e}"));
-            return Err(StoreError::Index(e));
+            return Err(e);
         }
+        self.generations.lock().synced = closing;
         for (volume, freed) in volumes.iter().zip(taken) {
             volume.slots.lock().retire(freed);
         }
@@ -1054,8 +1255,10 @@ impl Store {
     }
 
     /// Stores a small metadata record (the node's catalog) in its own column family.
-    /// With `sync`, returns once the WAL holding it is on disk.
+    /// With `sync`, returns once the WAL holding it is on disk. Keys under `replica/` are
+    /// reserved for the store and refused.
     pub fn put_meta(&self, key: &str, value: &[u8], sync: bool) -> Result<(), StoreError> {
+        check_meta_key(key)?;
         let mut options = WriteOptions::default();
         options.set_sync(sync);
         self.db
@@ -1070,13 +1273,15 @@ impl Store {
 
     /// Deletes a metadata record (absent is fine).
     pub fn delete_meta(&self, key: &str, sync: bool) -> Result<(), StoreError> {
+        check_meta_key(key)?;
         let mut options = WriteOptions::default();
         options.set_sync(sync);
         self.db.delete_cf_opt(self.cf(META_CF)?, key, &options)?;
         Ok(())
     }
 
-    /// Every metadata record whose key starts with `prefix`, sorted by key.
+    /// Every metadata record whose key starts with `prefix`, sorted by key (except the
+    /// store's own, under `replica/`).
     pub fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut iter = self.db.raw_iterator_cf(self.cf(META_CF)?);
         iter.seek(prefix);
@@ -1090,7 +1295,10 @@ impl Store {
             }
             let key = std::str::from_utf8(key)
                 .map_err(|_| StoreError::Failed("metadata key is not UTF-8".to_owned()))?;
-            records.push((key.to_owned(), value.to_vec()));
+            // The store's own records are not the caller's.
+            if !key.starts_with(RESERVED_META_PREFIX) {
+                records.push((key.to_owned(), value.to_vec()));
+            }
             iter.next();
         }
         iter.status()?;
@@ -1100,6 +1308,49 @@ impl Store {
     /// Path of a volume's data file (tests look for plaintext in it).
     pub fn data_file_path(&self, vol: VolumeId) -> PathBuf {
         self.data_dir.join(data_file_name(vol))
+    }
+}
+
+/// Refuses metadata keys reserved for the store.
+fn check_meta_key(key: &str) -> Result<(), StoreError> {
+    if key.starts_with(RESERVED_META_PREFIX) {
+        return Err(StoreError::Failed(format!(
+            "metadata key {key:?} is reserved for the block store"
+        )));
+    }
+    Ok(())
+}
+
+/// What `open` keeps of an index entry.
+#[derive(Debug, Clone, Copy)]
+enum Kept {
+    /// The entry as it is: durable, or its data verifies.
+    Current,
+    /// Its data was lost: the block's last durable version.
+    Restored(Version),
+    /// Its data was lost and the block had no durable version.
+    Nothing,
+}
+
+/// Decides what to keep of an entry found at open when generation `synced` was the last
+/// completed sync: an entry of a later generation is kept only if its data landed.
+fn check_entry(scan: &mut VolumeScan, synced: u64, entry: &IndexEntry, buf: &mut Block) -> Kept {
+    if entry.generation <= synced {
+        return Kept::Current;
+    }
+    scan.checked += 1;
+    if scan.verify(entry.slot, entry.meta.crc, buf) {
+        return Kept::Current;
+    }
+    match entry.durable_at(synced) {
+        Some(version) => {
+            scan.restored += 1;
+            Kept::Restored(version)
+        }
+        None => {
+            scan.removed += 1;
+            Kept::Nothing
+        }
     }
 }
 
@@ -1137,6 +1388,42 @@ impl Store {
         self.volume(vol)
             .map(|v| v.slots.lock().is_free(slot))
             .unwrap_or(false)
+    }
+
+    /// The raw index value of a block.
+    pub(crate) fn raw_index(&self, vol: VolumeId, block: u64) -> Option<Vec<u8>> {
+        let cf = self.cf(INDEX_CF).ok()?;
+        self.db.get_cf(cf, index::key(vol, block)).ok()?
+    }
+
+    /// The decoded index entry of a block.
+    pub(crate) fn index_entry(&self, vol: VolumeId, block: u64) -> Option<IndexEntry> {
+        IndexEntry::decode(&self.raw_index(vol, block)?)
+    }
+
+    /// Closes the current generation as a sync starting now would (tests of a sync in
+    /// flight when the power is cut); returns it.
+    pub(crate) fn close_generation(&self) -> u64 {
+        let mut generations = self.generations.lock();
+        let closing = generations.current;
+        generations.current += 1;
+        closing
+    }
+
+    /// Records `generation` as synced, as the end of a sync would (without syncing).
+    pub(crate) fn record_synced(&self, generation: u64) {
+        if let Ok(cf) = self.cf(META_CF) {
+            let _ = self
+                .db
+                .put_cf(cf, SYNCED_GENERATION_KEY, generation.to_le_bytes());
+        }
+        self.generations.lock().synced = generation;
+    }
+
+    /// Current and last synced generation.
+    pub(crate) fn generations(&self) -> (u64, u64) {
+        let generations = *self.generations.lock();
+        (generations.current, generations.synced)
     }
 
     /// Writes a raw value into the index, for tests of malformed entries.

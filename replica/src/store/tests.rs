@@ -192,3 +192,344 @@ fn store_and_its_futures_are_send() {
     send(store.discard_blocks(1, 0..1));
     send(store.sync());
 }
+
+// Power cuts between syncs: the index entry of a write survives, its data does not.
+// The lost data write is simulated by zeroing the slot in the data file after the store
+// is dropped (its index entry is in the WAL, written to the OS but never synced).
+
+fn open_dir(dir: &Path) -> Store {
+    Store::open(dir, StoreOptions::default()).unwrap_or_else(|e| panic!("open: {e}"))
+}
+
+/// Zeroes a slot of a closed store's data file: the data write to it never landed.
+fn lose_slot(path: &Path, slot: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open data file: {e}"));
+    let offset = slot * BLOCK_BYTES;
+    file.write_all_at(&[0u8; BLOCK_SIZE_USIZE], offset)
+        .unwrap_or_else(|e| panic!("zero slot {slot}: {e}"));
+    file.sync_all().unwrap_or_else(|e| panic!("sync: {e}"));
+}
+
+const BLOCK_SIZE_USIZE: usize = crate::block::BLOCK_SIZE;
+
+/// Asserts that a block reads as the one `block_write(block, version, fill)` wrote.
+async fn assert_reads(store: &Store, vol: VolumeId, block: u64, version: u64, fill: u8) {
+    let found = store.read_block(vol, block).await;
+    let expected = block_write(block, version, fill);
+    match found {
+        Ok(Some((meta, data))) => {
+            assert_eq!(meta, expected.meta, "block {block}: meta");
+            assert!(
+                data.0.iter().all(|&b| b == fill),
+                "block {block}: data of version {version}"
+            );
+        }
+        other => panic!("block {block}: expected version {version}, got {other:?}"),
+    }
+}
+
+async fn assert_absent(store: &Store, vol: VolumeId, block: u64) {
+    let found = store.read_block(vol, block).await;
+    assert!(
+        matches!(found, Ok(None)),
+        "block {block}: expected unallocated, got {found:?}"
+    );
+}
+
+fn slot(store: &Store, vol: VolumeId, block: u64) -> u64 {
+    store
+        .slot_of(vol, block)
+        .unwrap_or_else(|| panic!("block {block} has no index entry"))
+}
+
+#[tokio::test]
+async fn lost_unsynced_overwrite_reads_the_synced_version() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (path, lost) = {
+        let store = open_dir(dir.path());
+        ok(store.create_volume(1));
+        ok(store.write_blocks(1, vec![block_write(0, 1, 0x11)]).await);
+        ok(store.sync().await);
+        ok(store.write_blocks(1, vec![block_write(0, 2, 0x22)]).await);
+        (store.data_file_path(1), slot(&store, 1, 0))
+    };
+    lose_slot(&path, lost);
+    {
+        let store = open_dir(dir.path());
+        assert_reads(&store, 1, 0, 1, 0x11).await;
+        assert_eq!(ok(store.allocated_blocks(1)), 1);
+        // The restored version's slot is in use.
+        assert!(!store.slot_is_free(1, slot(&store, 1, 0)));
+    }
+    // The repair is durable: a second open finds nothing to repair.
+    let store = open_dir(dir.path());
+    assert_reads(&store, 1, 0, 1, 0x11).await;
+    let (current, synced) = store.generations();
+    assert_eq!(current, synced + 1);
+    assert!(
+        store
+            .index_entry(1, 0)
+            .is_some_and(|e| e.generation <= synced)
+    );
+}
+
+#[tokio::test]
+async fn lost_first_write_reads_as_unallocated() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (path, lost) = {
+        let store = open_dir(dir.path());
+        ok(store.create_volume(1));
+        ok(store.write_blocks(1, vec![block_write(0, 1, 0x10)]).await);
+        ok(store.sync().await);
+        ok(store.write_blocks(1, vec![block_write(5, 1, 0x15)]).await);
+        (store.data_file_path(1), slot(&store, 1, 5))
+    };
+    lose_slot(&path, lost);
+    let store = open_dir(dir.path());
+    assert_absent(&store, 1, 5).await;
+    assert_reads(&store, 1, 0, 1, 0x10).await;
+    assert_eq!(ok(store.allocated_blocks(1)), 1);
+    assert_eq!(store.raw_index(1, 5), None);
+    // The slot is free again (or cut off the end of the file).
+    assert!(store.slot_is_free(1, lost) || ok(store.volume(1)).slots.lock().len() <= lost);
+}
+
+#[tokio::test]
+async fn lost_write_of_a_never_synced_store_reads_as_unallocated() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (path, lost) = {
+        let store = open_dir(dir.path());
+        ok(store.create_volume(1));
+        ok(store
+            .write_blocks(1, vec![block_write(0, 1, 0x10), block_write(1, 1, 0x11)])
+            .await);
+        ok(store.write_blocks(1, vec![block_write(1, 2, 0x12)]).await);
+        (store.data_file_path(1), slot(&store, 1, 1))
+    };
+    lose_slot(&path, lost);
+    let store = open_dir(dir.path());
+    // Block 0's data landed: kept. Block 1's last version was lost and no version of it
+    // was ever synced.
+    assert_reads(&store, 1, 0, 1, 0x10).await;
+    assert_absent(&store, 1, 1).await;
+    assert_eq!(ok(store.allocated_blocks(1)), 1);
+}
+
+#[tokio::test]
+async fn lost_overwrites_roll_back_to_the_synced_version() {
+    for lose in [true, false] {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let (path, v3_slot) = {
+            let store = open_dir(dir.path());
+            ok(store.create_volume(1));
+            ok(store.write_blocks(1, vec![block_write(0, 1, 0x01)]).await);
+            ok(store.sync().await);
+            ok(store.write_blocks(1, vec![block_write(0, 2, 0x02)]).await);
+            ok(store.write_blocks(1, vec![block_write(0, 3, 0x03)]).await);
+            (store.data_file_path(1), slot(&store, 1, 0))
+        };
+        if lose {
+            lose_slot(&path, v3_slot);
+        }
+        let store = open_dir(dir.path());
+        if lose {
+            assert_reads(&store, 1, 0, 1, 0x01).await;
+        } else {
+            assert_reads(&store, 1, 0, 3, 0x03).await;
+            assert_eq!(store.slot_of(1, 0), Some(v3_slot));
+        }
+        assert_eq!(ok(store.allocated_blocks(1)), 1);
+    }
+}
+
+/// Overwrites while a sync is in flight keep both candidates: the version the sync
+/// makes durable if it completes, and the one durable before it.
+#[tokio::test]
+async fn lost_overwrite_during_a_sync_rolls_back_to_what_that_sync_left() {
+    for completed in [false, true] {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let (path, v2_slot, v3_slot) = {
+            let store = open_dir(dir.path());
+            ok(store.create_volume(1));
+            ok(store.write_blocks(1, vec![block_write(0, 1, 0x01)]).await);
+            ok(store.sync().await);
+            ok(store.write_blocks(1, vec![block_write(0, 2, 0x02)]).await);
+            let v2_slot = slot(&store, 1, 0);
+            // A sync starts: it closes v2's generation...
+            let closing = store.close_generation();
+            // ...v3 is written while it runs...
+            ok(store.write_blocks(1, vec![block_write(0, 3, 0x03)]).await);
+            let entry = store.index_entry(1, 0);
+            assert!(entry.is_some_and(|e| e.prev.iter().flatten().count() == 2));
+            // ...and it completes (its data files were synced: the test does not cut
+            // the power on v2's data), or the power is cut before it does.
+            if completed {
+                store.record_synced(closing);
+            }
+            (store.data_file_path(1), v2_slot, slot(&store, 1, 0))
+        };
+        lose_slot(&path, v3_slot);
+        if !completed {
+            // v2 was not synced either: its data may be lost too.
+            lose_slot(&path, v2_slot);
+        }
+        let store = open_dir(dir.path());
+        if completed {
+            assert_reads(&store, 1, 0, 2, 0x02).await;
+        } else {
+            assert_reads(&store, 1, 0, 1, 0x01).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn lost_discard_brings_back_a_whole_version() {
+    for lose_data in [true, false] {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let (path, v2_slot) = {
+            let store = open_dir(dir.path());
+            ok(store.create_volume(1));
+            ok(store.write_blocks(1, vec![block_write(0, 1, 0x01)]).await);
+            ok(store.sync().await);
+            ok(store.write_blocks(1, vec![block_write(0, 2, 0x02)]).await);
+            let raw = store
+                .raw_index(1, 0)
+                .unwrap_or_else(|| panic!("no entry for block 0"));
+            let v2_slot = slot(&store, 1, 0);
+            ok(store.discard_blocks(1, 0..1).await);
+            assert_absent(&store, 1, 0).await;
+            // The power cut loses the discard's delete but keeps the entry.
+            store.put_raw_index(1, 0, &raw);
+            (store.data_file_path(1), v2_slot)
+        };
+        if lose_data {
+            lose_slot(&path, v2_slot);
+        }
+        let store = open_dir(dir.path());
+        if lose_data {
+            assert_reads(&store, 1, 0, 1, 0x01).await;
+        } else {
+            assert_reads(&store, 1, 0, 2, 0x02).await;
+        }
+    }
+}
+
+/// Expected content of a block in `recovery_keeps_referenced_slots_out_of_use`.
+fn expected_after_recovery(block: u64) -> Option<(u64, u8)> {
+    let fill = |version: u64| u8::try_from((block * 7 + version * 31) % 251).unwrap_or(0);
+    match block {
+        // Overwritten after the sync; the even ones lost their data.
+        0..32 if block.is_multiple_of(2) => Some((1, fill(1))),
+        0..32 => Some((2, fill(2))),
+        32..64 => Some((1, fill(1))),
+        // First written after the sync; the even ones lost their data.
+        64..74 if block.is_multiple_of(2) => None,
+        64..74 => Some((1, fill(1))),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn recovery_keeps_referenced_slots_out_of_use() {
+    let fill =
+        |block: u64, version: u64| u8::try_from((block * 7 + version * 31) % 251).unwrap_or(0);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (path, lost) = {
+        let store = open_dir(dir.path());
+        ok(store.create_volume(1));
+        ok(store
+            .write_blocks(1, (0..64).map(|b| block_write(b, 1, fill(b, 1))).collect())
+            .await);
+        ok(store.sync().await);
+        // Overwrites one by one (slots scattered) and new blocks, none synced.
+        for b in 0..32 {
+            ok(store
+                .write_blocks(1, vec![block_write(b, 2, fill(b, 2))])
+                .await);
+        }
+        ok(store
+            .write_blocks(1, (64..74).map(|b| block_write(b, 1, fill(b, 1))).collect())
+            .await);
+        let lost: Vec<u64> = (0..32)
+            .chain(64..74)
+            .filter(|b: &u64| b.is_multiple_of(2))
+            .map(|b| slot(&store, 1, b))
+            .collect();
+        (store.data_file_path(1), lost)
+    };
+    for &s in &lost {
+        lose_slot(&path, s);
+    }
+    let store = open_dir(dir.path());
+    let check = |blocks: Vec<Option<(BlockMeta, Box<Block>)>>, upto: u64| {
+        for (b, found) in (0u64..upto).zip(blocks) {
+            match (expected_after_recovery(b), found) {
+                (None, None) => {}
+                (Some((version, fill)), Some((meta, data))) => {
+                    assert_eq!(meta, block_write(b, version, fill).meta, "block {b}");
+                    assert!(data.0.iter().all(|&x| x == fill), "block {b} data");
+                }
+                (want, got) => panic!("block {b}: expected {want:?}, got {:?}", got.map(|g| g.0)),
+            }
+        }
+    };
+    check(ok(store.read_blocks(1, 0..80).await), 80);
+    // Every slot referenced now is in use.
+    for b in 0..80 {
+        if let Some(s) = store.slot_of(1, b) {
+            assert!(!store.slot_is_free(1, s), "block {b}'s slot {s} is free");
+        }
+    }
+    // Writes after the recovery, syncs, more overwrites: nothing referenced is reused.
+    ok(store
+        .write_blocks(
+            1,
+            (100..300).map(|b| block_write(b, 1, fill(b, 1))).collect(),
+        )
+        .await);
+    ok(store.sync().await);
+    for b in (300..340).step_by(3) {
+        ok(store
+            .write_blocks(1, vec![block_write(b, 1, fill(b, 1))])
+            .await);
+    }
+    ok(store.sync().await);
+    check(ok(store.read_blocks(1, 0..80).await), 80);
+    for b in (100..300).chain((300..340).step_by(3)) {
+        assert_reads(&store, 1, b, 1, fill(b, 1)).await;
+    }
+    drop(store);
+    let store = open_dir(dir.path());
+    check(ok(store.read_blocks(1, 0..80).await), 80);
+    for b in (100..300).chain((300..340).step_by(3)) {
+        assert_reads(&store, 1, b, 1, fill(b, 1)).await;
+    }
+    let mut slots: Vec<u64> = (0..400).filter_map(|b| store.slot_of(1, b)).collect();
+    let count = slots.len();
+    slots.sort_unstable();
+    slots.dedup();
+    assert_eq!(slots.len(), count, "two blocks share a slot");
+}
+
+#[test]
+fn reserved_meta_keys_are_refused() {
+    let (_dir, store) = open_temp();
+    assert!(
+        store
+            .put_meta("replica/synced-generation", b"x", true)
+            .is_err()
+    );
+    assert!(
+        store
+            .delete_meta("replica/synced-generation", true)
+            .is_err()
+    );
+    ok(store.put_meta("volume/1", b"x", false));
+    // The store's own record is not listed.
+    assert_eq!(ok(store.scan_meta("")).len(), 1);
+    assert!(ok(store.get_meta("replica/synced-generation")).is_some());
+}

@@ -227,6 +227,11 @@ fn rocksdb_options() -> (Options, Options, Options) {
     db.set_max_background_jobs(2);
     db.set_keep_log_file_num(4);
     db.set_max_log_file_size(16 << 20);
+    // Index updates stay in rocksdb's WAL buffer until the next sync (whose synced
+    // write flushes and syncs it): one write(2) fewer per block write (+20% 4k QD32
+    // random write IOPS measured). A process kill may lose index updates made since the
+    // last sync, which the contract allows: their old versions and slots are intact.
+    db.set_manual_wal_flush(true);
 
     let cache = Cache::new_lru_cache(64 << 20);
     let mut table = BlockBasedOptions::default();

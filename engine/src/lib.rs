@@ -2,6 +2,7 @@
 //!
 //! - `crypto`: AES-256-GCM per block and the key hierarchy (master -> tenant -> volume).
 //! - `master_key`: the cluster master key file.
+//! - `crashsafe`: crash-safe file writes.
 //! - `catalog`: tenant and volume records and the metadata key-value seam.
 //! - `sequence`: per-volume block versions (nonces), persisted ahead of use.
 //! - `range_lock`: block-range locks for read-modify-write.
@@ -9,6 +10,7 @@
 //! - `node`: the node's engine: catalog operations and open volumes.
 
 pub mod catalog;
+pub mod crashsafe;
 pub mod crypto;
 pub mod master_key;
 pub mod node;

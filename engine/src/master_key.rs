@@ -1,8 +1,8 @@
 //! The cluster master key file: created once at cluster init, mode 0600, never logged.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use crate::crypto::{KEY_LEN, SecretKey};
@@ -36,30 +36,14 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Maste
     move |source| MasterKeyError::Io { op, path, source }
 }
 
-/// Create the master key at `path` unless it exists. Written crash-safely: a temporary
-/// file, fsync, rename, fsync of the directory. Returns whether a key was created.
+/// Create the master key at `path` unless it exists, crash-safely and with mode 0600.
+/// Returns whether a key was created.
 pub fn create_if_missing(path: &Path) -> Result<bool, MasterKeyError> {
     if path.exists() {
         return Ok(false);
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io_err("creating the folder of", path))?;
     let key = SecretKey::generate()?;
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err("creating", &tmp))?;
-    f.write_all(key.expose()).map_err(io_err("writing", &tmp))?;
-    f.sync_all().map_err(io_err("syncing", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err("renaming", path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing the folder of", path))?;
+    crate::crashsafe::write_file(path, key.expose(), 0o600).map_err(io_err("writing", path))?;
     Ok(true)
 }
 
@@ -85,6 +69,7 @@ pub fn load(path: &Path) -> Result<SecretKey, MasterKeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn created_once_with_mode_0600() {

@@ -105,6 +105,9 @@ pub struct VolumeRecord {
     pub wrapped_key: String,
     /// Creation time, seconds since the epoch.
     pub created: u64,
+    /// Exported read-only: writes, trims and zeroing are refused.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 pub(crate) const TENANT_PREFIX: &str = "tenant/";

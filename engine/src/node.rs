@@ -100,6 +100,8 @@ pub struct VolumeInfo {
     pub allocated_bytes: u64,
     /// Creation time, seconds since the epoch.
     pub created: u64,
+    /// Exported read-only.
+    pub read_only: bool,
 }
 
 /// A tenant as the admin API shows it.
@@ -314,6 +316,7 @@ impl Engine {
             block_size: BLOCK,
             allocated_bytes: self.store.allocated_blocks(r.id)?.saturating_mul(BLOCK),
             created: r.created,
+            read_only: r.read_only,
         })
     }
 
@@ -362,6 +365,7 @@ impl Engine {
             chunk_size,
             wrapped_key: to_hex(&wrapped),
             created: now(),
+            read_only: false,
         };
         self.store.create_volume(id)?;
         self.put_record(&key, &record)?;
@@ -398,6 +402,20 @@ impl Engine {
             v.set_size(size);
         }
         tracing::info!(volume = name, size, "volume resized");
+        self.info(&r)
+    }
+
+    /// Make a volume read-only (or writable again). Connections opened before keep the
+    /// flags they negotiated, but their writes are refused from now on.
+    pub fn set_read_only(&self, name: &str, read_only: bool) -> Result<VolumeInfo, EngineError> {
+        let _g = self.admin.lock();
+        let mut r = self.volume_record(name)?;
+        r.read_only = read_only;
+        self.put_record(&format!("{VOLUME_PREFIX}{name}"), &r)?;
+        if let Some(v) = self.open.read().get(name) {
+            v.set_read_only(read_only);
+        }
+        tracing::info!(volume = name, read_only, "volume access changed");
         self.info(&r)
     }
 
@@ -468,6 +486,7 @@ impl Engine {
             BlockCipher::new(&key),
             versions,
         ));
+        v.set_read_only(r.read_only);
         self.open.write().insert(name.to_string(), v.clone());
         Ok(v)
     }

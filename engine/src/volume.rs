@@ -74,6 +74,9 @@ pub enum VolumeError {
     /// The volume was deleted while in use.
     #[error("volume {0} was deleted")]
     Deleted(String),
+    /// The volume is read-only.
+    #[error("volume {0} is read-only")]
+    ReadOnly(String),
 }
 
 /// A piece of a read: data, or a run of zeros (unallocated).
@@ -119,6 +122,7 @@ pub struct Volume {
     versions: VersionCounter,
     locks: RangeLock,
     deleted: AtomicBool,
+    read_only: AtomicBool,
 }
 
 impl Volume {
@@ -138,6 +142,7 @@ impl Volume {
             versions,
             locks: RangeLock::default(),
             deleted: AtomicBool::new(false),
+            read_only: AtomicBool::new(false),
         }
     }
 
@@ -158,6 +163,23 @@ impl Volume {
 
     pub(crate) fn set_size(&self, size: u64) {
         self.size.store(size, Ordering::Release);
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_read_only(&self, read_only: bool) {
+        self.read_only.store(read_only, Ordering::Release);
+    }
+
+    /// Refuse changes to a read-only volume.
+    fn check_writable(&self) -> Result<(), VolumeError> {
+        if self.read_only() {
+            return Err(VolumeError::ReadOnly(self.ident.name.clone()));
+        }
+        Ok(())
     }
 
     pub(crate) fn mark_deleted(&self) {
@@ -324,6 +346,7 @@ impl Volume {
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), VolumeError> {
         let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
         let blocks = self.check(offset, len)?;
+        self.check_writable()?;
         if len == 0 {
             return Ok(());
         }
@@ -363,6 +386,7 @@ impl Volume {
         fua: bool,
     ) -> Result<(), VolumeError> {
         let blocks = self.check(offset, len)?;
+        self.check_writable()?;
         if len == 0 {
             return Ok(());
         }

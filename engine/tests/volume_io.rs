@@ -228,3 +228,30 @@ async fn grow_yes_shrink_no() {
     let err = e.resize_volume("v", 1 << 20).unwrap_err();
     assert!(err.to_string().contains("shrinking"), "{err}");
 }
+
+#[tokio::test]
+async fn read_only_volumes_refuse_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    e.create_volume(&spec("v", 1 << 20, None)).unwrap();
+    let v = e.volume("v").unwrap();
+    v.write(0, &[9; 4096], false).await.unwrap();
+    assert!(e.set_read_only("v", true).unwrap().read_only);
+    assert!(matches!(
+        v.write(0, &[1; 10], false).await,
+        Err(VolumeError::ReadOnly(_))
+    ));
+    assert!(matches!(
+        v.write_zeroes(0, 4096, true, false).await,
+        Err(VolumeError::ReadOnly(_))
+    ));
+    assert_eq!(&flatten(v.read(0, 4096).await.unwrap())[..], &[9; 4096][..]);
+    // The flag is stored: a reopened engine still refuses writes.
+    drop(v);
+    drop(e);
+    let e = engine(dir.path());
+    let v = e.volume("v").unwrap();
+    assert!(v.read_only());
+    e.set_read_only("v", false).unwrap();
+    v.write(0, &[1; 10], false).await.unwrap();
+}

@@ -161,6 +161,7 @@ fn every_command_has_help() {
         &["volume", "list", "--help"],
         &["volume", "info", "--help"],
         &["volume", "resize", "--help"],
+        &["volume", "set", "--help"],
         &["volume", "delete", "--help"],
         &["tenant", "create", "--help"],
         &["tenant", "list", "--help"],
@@ -183,4 +184,54 @@ fn commands_without_a_cluster_say_so() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no cluster at"), "{err}");
+}
+
+#[test]
+fn read_only_volumes() {
+    let c = DevCluster::start();
+    c.create_volume("golden", "16M");
+    let uri = c.uri("golden");
+    ok(std::process::Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 0x47 0 1M"]));
+    let out = c.ok(&["volume", "set", "golden", "--read-only", "true"]);
+    assert!(out.contains("read-only"), "{out}");
+    assert_eq!(c.volume_info("golden")["read_only"], true);
+
+    // The export now says so, reads work, writes are refused.
+    ok(trireme_tests::tool("nbdinfo").args(["--is", "read-only", &uri]));
+    ok(std::process::Command::new("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "read -P 0x47 0 1M",
+    ]));
+    let script = format!(
+        r#"
+import nbd, errno
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri("{uri}")
+assert h.is_read_only()
+try:
+    h.pwrite(b"x" * 4096, 0)
+    raise AssertionError("write to a read-only export succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EPERM, e
+assert h.pread(4096, 0) == b"\x47" * 4096
+print("read-only ok")
+"#
+    );
+    assert!(ok(trireme_tests::tool("nbdsh").args(["-c", &script])).contains("read-only ok"));
+
+    c.ok(&["volume", "set", "golden", "--read-only", "false"]);
+    ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0x48 0 4k",
+        "-c",
+        "read -P 0x48 0 4k",
+    ]));
 }

@@ -6,6 +6,7 @@
 //! POST   /v1/volumes                 {"name","size","tenant"?,"class"?,"chunk_size"?} -> VolumeInfo
 //! GET    /v1/volumes/{name}          VolumeInfo
 //! POST   /v1/volumes/{name}/resize   {"size"} -> VolumeInfo
+//! POST   /v1/volumes/{name}/read-only {"read_only": bool} -> VolumeInfo
 //! DELETE /v1/volumes/{name}
 //! GET    /v1/tenants                 [TenantInfo]
 //! POST   /v1/tenants                 {"name"} -> TenantInfo
@@ -101,6 +102,11 @@ struct Resize {
 }
 
 #[derive(Debug, Deserialize)]
+struct ReadOnly {
+    read_only: bool,
+}
+
+#[derive(Debug, Deserialize)]
 struct CreateTenant {
     name: String,
 }
@@ -154,6 +160,17 @@ async fn resize_volume(
     )
 }
 
+async fn set_read_only(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Json(req): Json<ReadOnly>,
+) -> ApiResult {
+    ok(
+        StatusCode::OK,
+        blocking(&s, move |e| e.set_read_only(&name, req.read_only)).await?,
+    )
+}
+
 async fn delete_volume(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {
     blocking(&s, move |e| e.delete_volume(&name)).await?;
     ok(StatusCode::OK, json!({}))
@@ -182,6 +199,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/volumes/{name}/read-only", post(set_read_only))
         .route("/v1/tenants", get(list_tenants).post(create_tenant))
         .route("/v1/tenants/{name}", axum::routing::delete(delete_tenant))
         .with_state(state)

@@ -66,6 +66,7 @@ fn nbd_error(e: VolumeError) -> ExportError {
     match e {
         VolumeError::OutOfRange { .. } => ExportError::Invalid(e.to_string()),
         VolumeError::Deleted(_) => ExportError::Shutdown,
+        VolumeError::ReadOnly(_) => ExportError::ReadOnly,
         VolumeError::Store {
             source: replica::StoreError::NoSpace,
             ..
@@ -88,7 +89,7 @@ impl Export for VolumeExport {
     }
 
     fn read_only(&self) -> bool {
-        false
+        self.volume.read_only()
     }
 
     fn flush_covers_all_connections(&self) -> bool {

@@ -49,6 +49,15 @@ pub enum VolumeCommand {
         #[arg(long)]
         size: String,
     },
+    /// Change a volume's settings.
+    Set {
+        /// Volume name.
+        name: String,
+        /// Export read-only (true) or writable (false); new NBD connections see the
+        /// flag, and writes on every connection are refused while it is set.
+        #[arg(long, action = clap::ArgAction::Set)]
+        read_only: bool,
+    },
     /// Delete a volume and its data.
     Delete {
         /// Volume name.
@@ -136,6 +145,12 @@ fn print_volume(v: &Value) {
     println!("name:        {}", field(v, "name"));
     println!("tenant:      {}", field(v, "tenant"));
     println!("class:       {}", field(v, "class"));
+    let access = if v.get("read_only").and_then(Value::as_bool) == Some(true) {
+        "read-only"
+    } else {
+        "read-write"
+    };
+    println!("access:      {access}");
     println!(
         "size:        {} ({} bytes)",
         human(num(v, "size")),
@@ -215,6 +230,18 @@ pub fn volume(dir: &ClusterDir, cmd: VolumeCommand) -> Result<()> {
                 field(&v, "name"),
                 human(num(&v, "size"))
             );
+        }
+        VolumeCommand::Set { name, read_only } => {
+            let v = client(dir)?.post(
+                &format!("/v1/volumes/{}/read-only", path_segment(&name)?),
+                &json!({ "read_only": read_only }),
+            )?;
+            let access = if v.get("read_only").and_then(Value::as_bool) == Some(true) {
+                "read-only"
+            } else {
+                "writable"
+            };
+            println!("volume {} is {access}", field(&v, "name"));
         }
         VolumeCommand::Delete { name } => {
             client(dir)?.delete(&format!("/v1/volumes/{}", path_segment(&name)?))?;

@@ -471,38 +471,13 @@ impl Engine {
         }
         let r = self.volume_record(name)?;
         let key = self.volume_key(&r)?;
-        let versions = VersionCounter::open(self.meta.clone(), r.id)?;
-        let ident = VolumeIdentity {
-            name: r.name.clone(),
-            id: r.id,
-            tenant_id: r.tenant_id,
-            class: r.class,
-            chunk_size: r.chunk_size,
-        };
-        let v = Arc::new(Volume::new(
-            ident,
-            r.size,
-            self.store.clone(),
-            BlockCipher::new(&key),
-            versions,
-        ));
-        v.set_read_only(r.read_only);
+        let v = Arc::new(self.open_volume(&r, &key)?);
         self.open.write().insert(name.to_string(), v.clone());
         Ok(v)
     }
 
-    /// Names of every volume (for NBD export listing).
-    pub fn volume_names(&self) -> Result<Vec<String>, EngineError> {
-        let records: Vec<VolumeRecord> = self.scan_records(VOLUME_PREFIX)?;
-        Ok(records.into_iter().map(|r| r.name).collect())
-    }
-
-    /// Test hook: the cipher of a volume opened with another volume's key, to prove
-    /// that one tenant's key fails on another's blocks.
-    #[doc(hidden)]
-    pub fn volume_with_foreign_key(&self, name: &str, key_of: &str) -> Result<Volume, EngineError> {
-        let r = self.volume_record(name)?;
-        let foreign = self.volume_key(&self.volume_record(key_of)?)?;
+    /// A volume over the store, its blocks sealed and opened with `key`.
+    fn open_volume(&self, r: &VolumeRecord, key: &SecretKey) -> Result<Volume, EngineError> {
         let versions = VersionCounter::open(self.meta.clone(), r.id)?;
         let ident = VolumeIdentity {
             name: r.name.clone(),
@@ -511,13 +486,24 @@ impl Engine {
             class: r.class,
             chunk_size: r.chunk_size,
         };
-        Ok(Volume::new(
+        let v = Volume::new(
             ident,
             r.size,
             self.store.clone(),
-            BlockCipher::new(&foreign),
+            BlockCipher::new(key),
             versions,
-        ))
+        );
+        v.set_read_only(r.read_only);
+        Ok(v)
+    }
+
+    /// Test hook: a volume opened with another volume's key, to prove that one
+    /// tenant's key fails on another's blocks.
+    #[doc(hidden)]
+    pub fn volume_with_foreign_key(&self, name: &str, key_of: &str) -> Result<Volume, EngineError> {
+        let r = self.volume_record(name)?;
+        let foreign = self.volume_key(&self.volume_record(key_of)?)?;
+        self.open_volume(&r, &foreign)
     }
 }
 

@@ -9,6 +9,8 @@ packages=(
   qemu-utils                          # qemu-img, qemu-io, qemu-nbd
   fio libnbd-bin python3-libnbd nbdkit nbdfuse nbd-client
   jq procps iproute2 util-linux openssl
+  zstd bzip2                          # unpacking the sample images in ../shared/samples
+  etcd-server protobuf-compiler       # metadata store: etcd backend tests, etcd-client's protos
 )
 missing=()
 for p in "${packages[@]}"; do

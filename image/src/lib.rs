@@ -294,13 +294,13 @@ pub fn check_range(offset: u64, length: u64, size: u64) -> Result<(), ImageError
 /// parse images without touching the disk).
 pub trait ByteSource: Send + Sync + fmt::Debug {
     /// Size in bytes.
-    fn len(&self) -> std::io::Result<u64>;
+    fn size(&self) -> std::io::Result<u64>;
     /// Reads at most `buf.len()` bytes at `offset`; 0 at or past the end.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
 }
 
 impl ByteSource for File {
-    fn len(&self) -> std::io::Result<u64> {
+    fn size(&self) -> std::io::Result<u64> {
         Ok(self.metadata()?.len())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
@@ -309,7 +309,7 @@ impl ByteSource for File {
 }
 
 impl ByteSource for Vec<u8> {
-    fn len(&self) -> std::io::Result<u64> {
+    fn size(&self) -> std::io::Result<u64> {
         Ok(self.as_slice().len() as u64)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {

@@ -4,6 +4,7 @@ mod admin_api;
 mod admin_client;
 mod cluster;
 mod dev;
+mod image_cmd;
 mod nbd_export;
 mod node;
 mod volume_cmd;

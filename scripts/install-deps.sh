@@ -11,7 +11,7 @@ packages=(
   jq procps iproute2 util-linux openssl
   zstd bzip2                          # unpacking the sample images in ../shared/samples
   genisoimage                         # ISO images for the import tests
-  etcd-server protobuf-compiler       # metadata store: etcd backend tests, etcd-client's protos
+  etcd-server protobuf-compiler libprotobuf-dev  # metadata store: etcd for its tests; etcd-client builds its protos
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -208,7 +208,11 @@ fn copy_into_volume(
     let mut client = Client::connect_tcp(nbd, name)?;
     let size = disk.virtual_size();
     let mut progress = Progress::new(size);
-    let mut buf = vec![0u8; usize::try_from(STEP)?];
+    // Page-aligned: the kernel copies from the page cache into an unaligned buffer
+    // about 4× slower (measured on the VMDK reader).
+    let mut storage = vec![0u8; usize::try_from(STEP)? + 4096];
+    let start = storage.as_ptr().align_offset(4096);
+    let buf = &mut storage[start..start + usize::try_from(STEP)?];
     let mut offset = 0u64;
     while offset < size {
         let segment = disk

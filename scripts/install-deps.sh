@@ -7,10 +7,11 @@ set -euo pipefail
 packages=(
   libclang-dev clang pkg-config       # rocksdb bindings (bindgen) and bundled build
   qemu-utils                          # qemu-img, qemu-io, qemu-nbd
-  fio libnbd-bin python3-libnbd nbdkit nbdfuse nbd-client
+  fio libnbd-bin python3-libnbd nbdkit nbd-client   # libnbd-bin has nbdfuse
   jq procps iproute2 util-linux openssl
   zstd bzip2                          # unpacking the sample images in ../shared/samples
-  etcd-server protobuf-compiler       # metadata store: etcd backend tests, etcd-client's protos
+  genisoimage                         # ISO images for the import tests
+  etcd-server protobuf-compiler libprotobuf-dev  # metadata store: etcd for its tests; etcd-client builds its protos
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -12,7 +12,7 @@ echo "== cargo clippy"
 cargo clippy --release --workspace --all-targets --all-features -- -D warnings
 echo "== build"
 cargo build --release --workspace --all-targets
-echo "== fuzz the NBD handshake and request parser (30 s each)"
+echo "== fuzz the NBD handshake and request parser and the QCOW2 and VMDK readers (30 s each)"
 scripts/fuzz.sh 30
 echo "== tests"
 # Two tests at a time within each test binary; every end-to-end test has its own

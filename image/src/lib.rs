@@ -16,6 +16,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub mod qcow2;
+pub mod qcow2_writer;
 pub mod raw;
 pub mod vmdk;
 

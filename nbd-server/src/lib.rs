@@ -4,6 +4,7 @@
 //! The storage behind each export is reached only through the [`Export`] and [`Catalog`]
 //! traits; the protocol core is usable on its own (fuzz targets drive it directly).
 
+pub mod client;
 pub mod config;
 mod connection;
 mod cursor;

@@ -185,3 +185,21 @@ pub fn tool(name: &str) -> Command {
     c.env("PATH", format!("/usr/bin:{path}"));
     c
 }
+
+/// The folder of real sample images (`../shared/samples` with MANIFEST.md):
+/// `$TRIREME_SAMPLES`, else `<workspace>/../shared/samples`, else `/work/shared/samples`.
+/// Panics, naming where it looked, when none exists: tests never skip silently.
+pub fn samples_dir() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut candidates = Vec::new();
+    if let Ok(p) = std::env::var("TRIREME_SAMPLES") {
+        candidates.push(PathBuf::from(p));
+    }
+    candidates.push(workspace.join("../shared/samples"));
+    candidates.push(PathBuf::from("/work/shared/samples"));
+    candidates
+        .iter()
+        .find(|p| p.join("MANIFEST.md").is_file())
+        .cloned()
+        .unwrap_or_else(|| panic!("sample images not found; looked in {candidates:?}"))
+}

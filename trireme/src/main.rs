@@ -3,7 +3,9 @@
 mod admin_api;
 mod admin_client;
 mod cluster;
+mod cluster_cmd;
 mod dev;
+mod image_cmd;
 mod nbd_export;
 mod node;
 mod volume_cmd;
@@ -36,6 +38,9 @@ enum Command {
     /// A development cluster of node processes on loopback.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// The cluster's CA and node certificates, for clusters spanning hosts.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCommand),
     /// Run one storage node in the foreground.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -100,6 +105,7 @@ fn run(cli: Cli) -> Result<()> {
             init_logging();
             node::run(&config)
         }
+        Command::Cluster(cmd) => cluster_cmd::run(&dir, cmd),
         Command::Volume(cmd) => volume_cmd::volume(&dir, cmd),
         Command::Tenant(cmd) => volume_cmd::tenant(&dir, cmd),
     }

@@ -58,6 +58,11 @@ pub enum VolumeCommand {
         #[arg(long, action = clap::ArgAction::Set)]
         read_only: bool,
     },
+    /// Create a volume from a disk image (QCOW2, VMDK, raw, ISO), writing only its
+    /// data. An ISO becomes a read-only volume.
+    Import(crate::image_cmd::ImportArgs),
+    /// Copy a volume into a file: raw or qcow2, both sparse.
+    Export(crate::image_cmd::ExportArgs),
     /// Delete a volume and its data.
     Delete {
         /// Volume name.
@@ -91,7 +96,7 @@ fn client(dir: &ClusterDir) -> Result<AdminClient> {
 }
 
 /// A running node of the cluster: its admin API and its NBD address.
-fn node(dir: &ClusterDir) -> Result<(AdminClient, std::net::SocketAddr)> {
+pub(crate) fn node(dir: &ClusterDir) -> Result<(AdminClient, std::net::SocketAddr)> {
     let cluster = dir.load()?;
     match cluster
         .nodes
@@ -133,7 +138,7 @@ fn print_json(v: &Value) -> Result<()> {
     Ok(())
 }
 
-fn field<'a>(v: &'a Value, k: &str) -> &'a str {
+pub(crate) fn field<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
@@ -243,6 +248,8 @@ pub fn volume(dir: &ClusterDir, cmd: VolumeCommand) -> Result<()> {
             };
             println!("volume {} is {access}", field(&v, "name"));
         }
+        VolumeCommand::Import(args) => return crate::image_cmd::import(dir, args),
+        VolumeCommand::Export(args) => return crate::image_cmd::export(dir, args),
         VolumeCommand::Delete { name } => {
             client(dir)?.delete(&format!("/v1/volumes/{}", path_segment(&name)?))?;
             println!("deleted volume {name}");
@@ -292,7 +299,7 @@ pub fn tenant(dir: &ClusterDir, cmd: TenantCommand) -> Result<()> {
 
 /// Names go into URL paths; the engine only accepts `[A-Za-z0-9._-]`, so anything else
 /// is refused here with the same message rather than escaped.
-fn path_segment(name: &str) -> Result<&str> {
+pub(crate) fn path_segment(name: &str) -> Result<&str> {
     engine::catalog::validate_name("volume or tenant", name)
         .map_err(anyhow::Error::msg)
         .context("bad name")?;

@@ -1,5 +1,6 @@
 //! Tests of the protocol core and of the driver over real sockets.
 
+mod client;
 mod cves;
 mod fuzz_smoke;
 mod handshake;

@@ -10,6 +10,34 @@ pub(crate) const BLOCK_BYTES: u64 = 4096;
 /// Identifies a volume on this node; its data file is named after it in hex.
 pub type VolumeId = u64;
 
+/// Identifies a snapshot within its volume: the volume's live snapshot generation when
+/// it was taken (increasing, never reused).
+pub type SnapId = u64;
+
+/// A block read through a view (a volume's live blocks or a snapshot, a clone reading
+/// through to its origin): its data, its metadata, and the volume it was stored under.
+/// For a clone, `source` is the origin volume for blocks the clone never wrote; the
+/// writer decrypts those with the origin's volume id and key.
+#[derive(Debug)]
+pub struct ViewBlock {
+    /// Volume whose writer wrote the block.
+    pub source: VolumeId,
+    /// Version, checksum and tag.
+    pub meta: BlockMeta,
+    /// The ciphertext.
+    pub data: Box<Block>,
+}
+
+/// A snapshot and the space it alone holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The snapshot.
+    pub id: SnapId,
+    /// Blocks whose version no other snapshot and not the live volume reads: what
+    /// deleting the snapshot gives back.
+    pub exclusive_blocks: u64,
+}
+
 /// A 4 KiB buffer aligned for O_DIRECT.
 ///
 /// Always handled boxed: the alignment makes it usable as a direct I/O buffer, and the

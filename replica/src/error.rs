@@ -1,6 +1,6 @@
 //! Errors of the block store.
 
-use crate::block::VolumeId;
+use crate::block::{SnapId, VolumeId};
 
 /// Everything a [`Store`](crate::Store) operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,33 @@ pub enum StoreError {
     /// `create_volume` for a volume that already exists.
     #[error("volume {0:016x} already exists")]
     VolumeExists(VolumeId),
+    /// The volume has no (completed) snapshot of that id.
+    #[error("volume {volume:016x} has no snapshot {snapshot}")]
+    NoSuchSnapshot {
+        /// The volume.
+        volume: VolumeId,
+        /// The snapshot asked for.
+        snapshot: SnapId,
+    },
+    /// `delete_snapshot` of a snapshot that clones read through: delete the clones
+    /// first.
+    #[error("snapshot {snapshot} of volume {volume:016x} has clones {clones:016x?}")]
+    SnapshotHasClones {
+        /// The volume.
+        volume: VolumeId,
+        /// The snapshot.
+        snapshot: SnapId,
+        /// The volumes cloned from it.
+        clones: Vec<VolumeId>,
+    },
+    /// `delete_volume` of a volume that clones read through: delete the clones first.
+    #[error("volume {volume:016x} has clones {clones:016x?}")]
+    VolumeHasClones {
+        /// The volume.
+        volume: VolumeId,
+        /// The volumes cloned from its snapshots.
+        clones: Vec<VolumeId>,
+    },
     /// The filesystem (or the slot space of a data file) is full.
     #[error("no space left for block data")]
     NoSpace,

@@ -9,8 +9,15 @@
 //!
 //! The store only ever sees ciphertext; keys live with the writer (the engine).
 //!
-//! Modules: `block` (the block and its metadata), `store` (the [`Store`]), `index`
-//! (rocksdb key and value encoding), `slots` (free and freed slots of a data file),
+//! Snapshots are redirect-on-write too: taking one copies nothing; versions a snapshot
+//! still reads move to a `history` column family when the live volume replaces them.
+//! A clone is a volume whose unwritten blocks read through to a snapshot of its origin;
+//! reads say which volume each block was stored under ([`ViewBlock::source`]), since
+//! the writer authenticates a block with its volume id. See `store.rs`.
+//!
+//! Modules: `block` (the block and its metadata), `store` (the [`Store`]; snapshots and
+//! clones in `store/snapshots.rs`, view lookups in `store/view.rs`), `index` (rocksdb
+//! key and value encoding), `slots` (free and freed slots of a data file),
 //! `datafile` (a volume's data file, O_DIRECT with fallback), `uring` (the io_uring
 //! worker thread), `error`.
 
@@ -22,6 +29,8 @@ mod slots;
 mod store;
 mod uring;
 
-pub use block::{BLOCK_SIZE, Block, BlockMeta, BlockWrite, Extent, VolumeId};
+pub use block::{
+    BLOCK_SIZE, Block, BlockMeta, BlockWrite, Extent, SnapId, SnapshotInfo, ViewBlock, VolumeId,
+};
 pub use error::StoreError;
-pub use store::{MAX_BLOCKS_PER_IO, Store, StoreOptions};
+pub use store::{MAX_BLOCKS_PER_IO, MAX_CLONE_DEPTH, MAX_SNAPSHOTS, Store, StoreOptions};

@@ -31,8 +31,39 @@
 //!   durable version, or removed if it has none. The repairs are made durable with the
 //!   data files and a new synced generation before the free slots are rebuilt, so every
 //!   entry is then durable and the slots of the versions no longer needed are free.
+//!
+//! Snapshots and clones (`store/snapshots.rs`, lookups in `store/view.rs`):
+//!
+//! - Each volume has a *live generation* `c` (persisted as the volume record's next
+//!   birth; never goes down). A version written now is *born* in `c`. Creating a
+//!   snapshot takes `s = c` and moves `c` to `s + 1` under the volume's commit lock, so
+//!   every write whose index commit finished is in it and none after. No data is copied:
+//!   the snapshot is the set of versions with `birth <= s` alive at that moment.
+//! - When an overwrite, trim or rollback replaces a version born in `b` and some
+//!   snapshot lies in `[b, c)` — since every snapshot is below `c`, simply when the
+//!   newest snapshot is `>= b`, an O(1) test against the in-memory snapshot list — the
+//!   version moves, in the same rocksdb batch, to the `history` column family with death
+//!   `c`, instead of having its slot freed. Snapshot `s` reads the history version with
+//!   `birth <= s < death`, else the live entry if its `birth <= s`, else (a clone) the
+//!   origin's snapshot, else nothing. Live reads and writes do no per-snapshot work.
+//! - Invariant: every slot is referenced by at most one live entry or history entry.
+//!   Rollback copies the data it restores to new slots (it is rare and its cost is the
+//!   blocks changed since the snapshot) rather than sharing slots between the history
+//!   and the live index, so freeing a version never needs reference counts, and `open`
+//!   can keep treating a slot referenced twice as corruption.
+//! - Invariant: every history version is durable (data and index): a version moves to
+//!   the history only for a snapshot taken after it was written, whose creation synced
+//!   before its record was written. A snapshot whose creation did not finish has no
+//!   record; `open` drops the history versions no recorded snapshot reads.
+//! - Power loss: when `open` puts back the last durable version `V` of a block whose
+//!   unsynced overwrite lost its data, a history copy of `V` made by that overwrite is
+//!   removed in the same repair batch, so `V`'s slot stays referenced once.
+//! - Deleting a snapshot removes its record first (synced), then the history versions no
+//!   other snapshot reads; their slots follow the normal freed-after-sync path. `open`
+//!   finishes a deletion cut short. A snapshot that clones read through cannot be
+//!   deleted, nor can a volume with clones: both are refused with the clones named.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::ops::Range;
@@ -46,10 +77,10 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions,
 };
 
-use crate::block::{BLOCK_BYTES, Block, BlockMeta, BlockWrite, Extent, VolumeId};
+use crate::block::{BLOCK_BYTES, Block, BlockMeta, BlockWrite, Extent, SnapId, VolumeId};
 use crate::datafile::DataFile;
 use crate::error::StoreError;
-use crate::index::{self, INDEX_CF, IndexEntry, META_CF, Version};
+use crate::index::{self, HISTORY_CF, HistoryEntry, INDEX_CF, IndexEntry, META_CF, Version};
 use crate::slots::{self, SlotMap, SlotRun};
 use crate::uring::{IoPart, MAX_PART_BLOCKS, Ring};
 
@@ -69,12 +100,28 @@ const SPAN_POOL_MAX_BLOCKS: usize = 256;
 /// Keys under `replica/` are reserved for the store.
 const SYNCED_GENERATION_KEY: &str = "replica/synced-generation";
 
+/// Prefix of the volume records: `replica/volume/<vol hex>` -> next birth (u64 LE), then
+/// for a clone its origin volume and snapshot (u64 LE each).
+const VOLUME_RECORD_PREFIX: &str = "replica/volume/";
+
+/// Prefix of the snapshot records: `replica/snapshot/<vol hex>/<snap hex>` -> empty.
+const SNAPSHOT_RECORD_PREFIX: &str = "replica/snapshot/";
+
+/// Most snapshots a volume may have.
+pub const MAX_SNAPSHOTS: usize = 4096;
+
+/// Longest chain of clones (a clone of a clone ...) a read may follow.
+pub const MAX_CLONE_DEPTH: usize = 16;
+
 /// Prefix of the metadata keys reserved for the store itself.
 const RESERVED_META_PREFIX: &str = "replica/";
 
 /// Index entries a discard removes per rocksdb batch; bounds the memory and the time the
 /// volume's commit lock is held for a discard of a whole disk.
 const DISCARD_BATCH: u64 = 16384;
+
+/// Blocks a view's allocation map looks up at a time (bounds its memory).
+const EXTENT_WINDOW: u64 = 65536;
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
@@ -102,10 +149,160 @@ struct Volume {
     file: DataFile,
     slots: Mutex<SlotMap>,
     /// Serialises index commits of the volume (their version checks read, compare and
-    /// write) with each other and with deletion; holds whether the volume was deleted.
-    commit: Mutex<bool>,
-    /// Blocks with an index entry.
+    /// write) with each other, with snapshot creation and with deletion.
+    commit: Mutex<VolumeState>,
+    /// Blocks with an index entry holding data (tombstones are not counted).
     live: AtomicU64,
+    /// For a clone: the volume and snapshot its unwritten blocks read through to.
+    origin: Option<(VolumeId, SnapId)>,
+    /// Serialises snapshot operations (create, delete, rollback, cloning from it).
+    admin: tokio::sync::Mutex<()>,
+}
+
+impl Volume {
+    fn new(
+        id: VolumeId,
+        file: DataFile,
+        slots: SlotMap,
+        live: u64,
+        origin: Option<(VolumeId, SnapId)>,
+        state: VolumeState,
+    ) -> Volume {
+        Volume {
+            id,
+            file,
+            slots: Mutex::new(slots),
+            commit: Mutex::new(state),
+            live: AtomicU64::new(live),
+            origin,
+            admin: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// What commits of a volume read and snapshot operations change, under its commit lock.
+#[derive(Debug)]
+struct VolumeState {
+    /// The volume was deleted.
+    deleted: bool,
+    /// Live generation: the birth of versions written now; above every snapshot.
+    birth: u64,
+    /// Snapshots: `true` once recorded, `false` while being created. Writers keep the
+    /// versions of both.
+    snapshots: BTreeMap<SnapId, bool>,
+}
+
+impl VolumeState {
+    fn new(birth: u64, snapshots: impl IntoIterator<Item = SnapId>) -> VolumeState {
+        VolumeState {
+            deleted: false,
+            birth: birth.max(1),
+            snapshots: snapshots.into_iter().map(|s| (s, true)).collect(),
+        }
+    }
+
+    /// Whether a version born in `birth`, replaced now, is read by a snapshot: one lies
+    /// in `[birth, self.birth)`, and all of them are below `self.birth`.
+    fn keeps(&self, birth: u64) -> bool {
+        self.snapshots
+            .last_key_value()
+            .is_some_and(|(&newest, _)| newest >= birth)
+    }
+
+    /// Whether `snap` is a recorded snapshot.
+    fn has(&self, snap: SnapId) -> bool {
+        self.snapshots.get(&snap) == Some(&true)
+    }
+
+    /// A version the live entry of `block` stops pointing at (overwrite, trim,
+    /// rollback): moved to the history in `batch` when a snapshot reads it, else its slot
+    /// is to be freed after the next sync.
+    fn retire(
+        &self,
+        history: &ColumnFamily,
+        vol: VolumeId,
+        block: u64,
+        version: Version,
+        batch: &mut WriteBatch,
+        freed: &mut Vec<u64>,
+    ) {
+        if self.keeps(version.birth) {
+            let entry = HistoryEntry {
+                version,
+                death: self.birth,
+            };
+            batch.put_cf(
+                history,
+                index::history_key(vol, block, version.birth),
+                entry.encode(),
+            );
+        } else if let Some(slot) = version.data_slot() {
+            freed.push(slot);
+        }
+    }
+}
+
+/// The durable record of a volume's snapshot state (see [`VOLUME_RECORD_PREFIX`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct VolumeRecord {
+    next_birth: u64,
+    origin: Option<(VolumeId, SnapId)>,
+}
+
+impl VolumeRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut value = self.next_birth.to_le_bytes().to_vec();
+        if let Some((vol, snap)) = self.origin {
+            value.extend_from_slice(&vol.to_le_bytes());
+            value.extend_from_slice(&snap.to_le_bytes());
+        }
+        value
+    }
+
+    fn decode(value: &[u8]) -> Option<VolumeRecord> {
+        let word = |i: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(
+                value.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
+        };
+        match value.len() {
+            8 => Some(VolumeRecord {
+                next_birth: word(0)?,
+                origin: None,
+            }),
+            24 => Some(VolumeRecord {
+                next_birth: word(0)?,
+                origin: Some((word(1)?, word(2)?)),
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn volume_record_key(vol: VolumeId) -> String {
+    format!("{VOLUME_RECORD_PREFIX}{vol:016x}")
+}
+
+fn snapshot_record_prefix(vol: VolumeId) -> String {
+    format!("{SNAPSHOT_RECORD_PREFIX}{vol:016x}/")
+}
+
+fn snapshot_record_key(vol: VolumeId, snap: SnapId) -> String {
+    format!("{SNAPSHOT_RECORD_PREFIX}{vol:016x}/{snap:016x}")
+}
+
+/// Parses `<vol hex>` or `<vol hex>/<snap hex>` after a record prefix.
+fn parse_record_key(rest: &str) -> Option<(VolumeId, Option<SnapId>)> {
+    let (vol, snap) = match rest.split_once('/') {
+        Some((vol, snap)) => (vol, Some(snap)),
+        None => (rest, None),
+    };
+    let vol = u64::from_str_radix(vol, 16).ok()?;
+    let snap = match snap {
+        Some(snap) => Some(u64::from_str_radix(snap, 16).ok()?),
+        None => None,
+    };
+    Some((vol, snap))
 }
 
 /// Slots allocated to a write and not yet committed to the index. They are freed when
@@ -157,6 +354,9 @@ struct Generations {
 
 /// Blocks read back, one element per block of the range.
 type ReadResult = Vec<Option<(BlockMeta, Box<Block>)>>;
+
+/// Blocks to read: block, slot, metadata (sorted by block).
+type ReadList = Vec<(u64, u64, BlockMeta)>;
 
 /// The durable local block store of a storage node. `Send + Sync`; share it behind an
 /// `Arc`.
@@ -246,6 +446,17 @@ fn rocksdb_options() -> (Options, Options, Options) {
     (db, index_cf, meta_cf)
 }
 
+/// Options of the history column family: like the index's, with a smaller write buffer
+/// (it only grows on overwrites and trims of blocks a snapshot holds).
+fn history_options() -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    let mut options = Options::default();
+    options.set_block_based_table_factory(&table);
+    options.set_write_buffer_size(16 << 20);
+    options
+}
+
 /// Index entries of one volume seen while scanning the index at open.
 struct VolumeScan {
     /// The data file, opened again (buffered) to check the data of unsynced entries.
@@ -263,6 +474,15 @@ struct VolumeScan {
     checked: u64,
     restored: u64,
     removed: u64,
+    /// Highest birth of a version found (live or history).
+    max_birth: u64,
+    /// Versions put back by the power-loss repair, by block: a history copy of one of
+    /// them was made by the lost overwrite and goes.
+    restored_versions: HashMap<u64, Version>,
+    /// History versions kept, and dropped (no recorded snapshot reads them, or a
+    /// restored live version is the same).
+    history: u64,
+    history_dropped: u64,
 }
 
 impl VolumeScan {
@@ -279,6 +499,10 @@ impl VolumeScan {
             checked: 0,
             restored: 0,
             removed: 0,
+            max_birth: 0,
+            restored_versions: HashMap::new(),
+            history: 0,
+            history_dropped: 0,
         }
     }
 
@@ -305,9 +529,17 @@ impl VolumeScan {
         self.malformed += 1;
     }
 
-    /// Counts a live entry and the slot it references.
-    fn add(&mut self, slot: u64) {
-        self.live += 1;
+    /// Counts a live version and the slot it references (none for a tombstone).
+    fn add(&mut self, version: &Version) {
+        self.max_birth = self.max_birth.max(version.birth);
+        if let Some(slot) = version.data_slot() {
+            self.live += 1;
+            self.reference(slot);
+        }
+    }
+
+    /// Counts a slot as referenced.
+    fn reference(&mut self, slot: u64) {
         let fresh = if slot < self.file_slots {
             let word = usize::try_from(slot / 64).unwrap_or(usize::MAX);
             let bit = 1u64 << (slot % 64);
@@ -358,6 +590,7 @@ impl Store {
             [
                 ColumnFamilyDescriptor::new(INDEX_CF, index_options),
                 ColumnFamilyDescriptor::new(META_CF, meta_options),
+                ColumnFamilyDescriptor::new(HISTORY_CF, history_options()),
             ],
         )?;
         let ring = Ring::start(opts.ring_entries)
@@ -405,6 +638,7 @@ impl Store {
     /// (left by a crash during `delete_volume`).
     fn load_volumes(&mut self, mut files: HashMap<VolumeId, DataFile>) -> Result<(), StoreError> {
         let synced = self.stored_synced_generation()?;
+        let (records, snapshots) = self.load_records()?;
         let mut scans: HashMap<VolumeId, VolumeScan> = HashMap::new();
         for (&vol, file) in &files {
             let slots = file
@@ -437,11 +671,12 @@ impl Store {
                             Some(entry) => match check_entry(scan, synced, &entry, &mut buf) {
                                 Kept::Current => {
                                     newest = newest.max(entry.generation);
-                                    scan.add(entry.slot);
+                                    scan.add(&entry.current());
                                 }
                                 Kept::Restored(version) => {
                                     newest = newest.max(version.generation);
-                                    scan.add(version.slot);
+                                    scan.add(&version);
+                                    scan.restored_versions.insert(block, version);
                                     repairs.put_cf(cf, key, IndexEntry::new(version).encode());
                                     tracing::warn!(
                                         volume = format_args!("{vol:016x}"),
@@ -473,15 +708,21 @@ impl Store {
             }
             iter.status()?;
         }
+        self.load_history(&mut scans, &snapshots, &mut repairs, &mut orphans)?;
+        for &vol in records.keys().chain(snapshots.keys()) {
+            if !scans.contains_key(&vol) {
+                orphans.insert(vol);
+            }
+        }
         if bad_keys > 0 {
             tracing::error!(bad_keys, "index holds keys of the wrong length; ignored");
         }
         for vol in orphans {
             tracing::warn!(
                 volume = format_args!("{vol:016x}"),
-                "removing index entries of a volume without a data file"
+                "removing index entries and records of a volume without a data file"
             );
-            self.delete_index_range(vol)?;
+            self.delete_volume_index(vol)?;
         }
         // Every entry left is made durable before any slot is freed or cut off: the
         // data files (unsynced entries whose data verified may still be in a volatile
@@ -511,6 +752,15 @@ impl Store {
             let Some(scan) = scans.remove(&vol) else {
                 continue;
             };
+            if scan.history_dropped > 0 {
+                tracing::info!(
+                    volume = format_args!("{vol:016x}"),
+                    kept = scan.history,
+                    dropped = scan.history_dropped,
+                    "dropped history versions no snapshot reads (a snapshot creation or \
+                     deletion was cut short, or a lost overwrite was undone)"
+                );
+            }
             if scan.checked > 0 {
                 tracing::info!(
                     volume = format_args!("{vol:016x}"),
@@ -542,18 +792,123 @@ impl Store {
                 direct = file.is_direct(),
                 "volume loaded"
             );
+            let record = records.get(&vol).copied().unwrap_or_default();
+            let state = VolumeState::new(
+                record.next_birth.max(scan.max_birth),
+                snapshots.get(&vol).into_iter().flatten().copied(),
+            );
             volumes.insert(
                 vol,
-                Arc::new(Volume {
-                    id: vol,
-                    file,
-                    slots: Mutex::new(map),
-                    commit: Mutex::new(false),
-                    live: AtomicU64::new(scan.live),
-                }),
+                Arc::new(Volume::new(vol, file, map, scan.live, record.origin, state)),
             );
         }
         *self.volumes.write() = volumes;
+        Ok(())
+    }
+
+    /// Reads the volume records and the snapshot records.
+    #[allow(clippy::type_complexity)]
+    fn load_records(
+        &self,
+    ) -> Result<
+        (
+            HashMap<VolumeId, VolumeRecord>,
+            HashMap<VolumeId, BTreeSet<SnapId>>,
+        ),
+        StoreError,
+    > {
+        let mut records = HashMap::new();
+        let mut snapshots: HashMap<VolumeId, BTreeSet<SnapId>> = HashMap::new();
+        for (prefix, is_volume) in [
+            (VOLUME_RECORD_PREFIX, true),
+            (SNAPSHOT_RECORD_PREFIX, false),
+        ] {
+            for (key, value) in self.scan_meta_raw(prefix)? {
+                let parsed = key.strip_prefix(prefix).and_then(parse_record_key);
+                match (parsed, is_volume) {
+                    (Some((vol, None)), true) => match VolumeRecord::decode(&value) {
+                        Some(record) => {
+                            records.insert(vol, record);
+                        }
+                        None => {
+                            return Err(StoreError::Failed(format!(
+                                "malformed volume record {key:?}"
+                            )));
+                        }
+                    },
+                    (Some((vol, Some(snap))), false) => {
+                        snapshots.entry(vol).or_default().insert(snap);
+                    }
+                    _ => tracing::error!(key, "ignoring a malformed store record key"),
+                }
+            }
+        }
+        Ok((records, snapshots))
+    }
+
+    /// Scans the history at open: keeps the versions a recorded snapshot reads, counting
+    /// their slots as referenced; drops the others (a snapshot creation or deletion cut
+    /// short) and the copies of versions the power-loss repair put back live.
+    fn load_history(
+        &self,
+        scans: &mut HashMap<VolumeId, VolumeScan>,
+        snapshots: &HashMap<VolumeId, BTreeSet<SnapId>>,
+        repairs: &mut WriteBatch,
+        orphans: &mut BTreeSet<VolumeId>,
+    ) -> Result<(), StoreError> {
+        let cf = self.cf(HISTORY_CF)?;
+        let none = BTreeSet::new();
+        let mut iter = self.db.raw_iterator_cf(cf);
+        iter.seek_to_first();
+        while iter.valid() {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            let Some((vol, block, birth)) = index::decode_history_key(key) else {
+                tracing::error!("history key of the wrong length; removed");
+                repairs.delete_cf(cf, key);
+                iter.next();
+                continue;
+            };
+            let Some(scan) = scans.get_mut(&vol) else {
+                orphans.insert(vol);
+                iter.next();
+                continue;
+            };
+            let snaps = snapshots.get(&vol).unwrap_or(&none);
+            let keep = match HistoryEntry::decode(value) {
+                Some(entry) if entry.version.birth == birth => {
+                    let read = snaps.range(birth..entry.death).next().is_some();
+                    let restored = scan.restored_versions.get(&block).is_some_and(|v| {
+                        v.birth == entry.version.birth && v.slot == entry.version.slot
+                    });
+                    (read && !restored).then_some(entry)
+                }
+                _ => {
+                    tracing::error!(
+                        volume = format_args!("{vol:016x}"),
+                        block,
+                        "malformed history entry; removed"
+                    );
+                    None
+                }
+            };
+            match keep {
+                Some(entry) => {
+                    scan.history += 1;
+                    scan.max_birth = scan.max_birth.max(entry.death);
+                    if let Some(slot) = entry.version.data_slot() {
+                        scan.reference(slot);
+                    }
+                }
+                None => {
+                    scan.history_dropped += 1;
+                    repairs.delete_cf(cf, key);
+                }
+            }
+            iter.next();
+        }
+        iter.status()?;
         Ok(())
     }
 
@@ -613,37 +968,49 @@ impl Store {
             Err(e) => return Err(StoreError::io("creating a data file", e)),
         };
         sync_dir(&self.data_dir)?;
-        let volume = Volume {
-            id: vol,
+        let volume = Volume::new(
+            vol,
             file,
-            slots: Mutex::new(SlotMap::default()),
-            commit: Mutex::new(false),
-            live: AtomicU64::new(0),
-        };
+            SlotMap::default(),
+            0,
+            None,
+            VolumeState::new(1, []),
+        );
         self.volumes.write().insert(vol, Arc::new(volume));
         Ok(())
     }
 
-    /// Deletes a volume: its data file, then its index entries. A crash in between
-    /// leaves index entries without a file, which the next `open` removes.
+    /// Deletes a volume with its snapshots: its data file, then its index entries,
+    /// history and records. A crash in between leaves index entries without a file,
+    /// which the next `open` removes. Refused with [`StoreError::VolumeHasClones`] while
+    /// clones read through to one of its snapshots.
     pub fn delete_volume(&self, vol: VolumeId) -> Result<(), StoreError> {
         let _catalog = self.catalog.lock();
         let volume = self.volume(vol)?;
-        let mut deleted = volume.commit.lock();
+        let clones = self.clones_of(vol, None);
+        if !clones.is_empty() {
+            return Err(StoreError::VolumeHasClones {
+                volume: vol,
+                clones,
+            });
+        }
+        let mut state = volume.commit.lock();
         match fs::remove_file(self.data_file_path(vol)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(StoreError::io("removing a data file", e)),
         }
-        *deleted = true;
+        state.deleted = true;
         self.volumes.write().remove(&vol);
         sync_dir(&self.data_dir)?;
-        self.delete_index_range(vol)
+        self.delete_volume_index(vol)
     }
 
-    fn delete_index_range(&self, vol: VolumeId) -> Result<(), StoreError> {
-        let cf = self.cf(INDEX_CF)?;
+    /// Removes every index entry, history version and record of a volume, in one
+    /// synced batch.
+    fn delete_volume_index(&self, vol: VolumeId) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
+        let cf = self.cf(INDEX_CF)?;
         match index::volume_end(vol) {
             Some(end) => batch.delete_range_cf(cf, index::key(vol, 0), end),
             None => {
@@ -651,10 +1018,41 @@ impl Store {
                 batch.delete_cf(cf, index::key(vol, u64::MAX));
             }
         }
+        let history = self.cf(HISTORY_CF)?;
+        let start = index::history_key(vol, 0, 0);
+        match vol.checked_add(1) {
+            Some(next) => batch.delete_range_cf(history, start, index::history_key(next, 0, 0)),
+            None => {
+                let last = index::history_key(vol, u64::MAX, u64::MAX);
+                batch.delete_range_cf(history, start, last);
+                batch.delete_cf(history, last);
+            }
+        }
+        let meta = self.cf(META_CF)?;
+        batch.delete_cf(meta, volume_record_key(vol));
+        for (key, _) in self.scan_meta_raw(&snapshot_record_prefix(vol))? {
+            batch.delete_cf(meta, key);
+        }
         let mut options = WriteOptions::default();
         options.set_sync(true);
         self.db.write_opt(batch, &options)?;
         Ok(())
+    }
+
+    /// Volumes cloned from a snapshot of `vol` (from `snap` only, when given), sorted.
+    fn clones_of(&self, vol: VolumeId, snap: Option<SnapId>) -> Vec<VolumeId> {
+        let mut clones: Vec<VolumeId> = self
+            .volumes
+            .read()
+            .values()
+            .filter(|v| {
+                v.origin
+                    .is_some_and(|(o, s)| o == vol && snap.is_none_or(|snap| snap == s))
+            })
+            .map(|v| v.id)
+            .collect();
+        clones.sort_unstable();
+        clones
     }
 
     /// Volumes on this store, sorted.
@@ -692,7 +1090,18 @@ impl Store {
                 )));
             }
         }
-        let writes = newest_per_block(writes);
+        let (placed, reservation) = self.write_data(&volume, newest_per_block(writes)).await?;
+        self.commit_writes(&volume, &placed, reservation)
+    }
+
+    /// Writes the data of `writes` (sorted by block, one per block) to newly allocated
+    /// slots and marks the file dirty; returns (block, meta, slot) of each and the
+    /// reservation of the slots, for the index commit.
+    async fn write_data(
+        &self,
+        volume: &Arc<Volume>,
+        writes: Vec<BlockWrite>,
+    ) -> Result<(Vec<(u64, BlockMeta, u64)>, Reservation), StoreError> {
         let count = u64::try_from(writes.len()).map_err(|_| StoreError::NoSpace)?;
         let runs = volume
             .slots
@@ -700,7 +1109,7 @@ impl Store {
             .allocate(count)
             .ok_or(StoreError::NoSpace)?;
         let reservation = Reservation {
-            volume: Arc::clone(&volume),
+            volume: Arc::clone(volume),
             runs: runs.clone(),
         };
 
@@ -732,7 +1141,7 @@ impl Store {
         }
         // Before the index points at the new data, so the next sync covers it.
         volume.file.mark_dirty();
-        self.commit_writes(&volume, &placed, reservation)
+        Ok((placed, reservation))
     }
 
     /// Switches the index to the newly written slots in one batch, skipping writes that
@@ -744,8 +1153,9 @@ impl Store {
         mut reservation: Reservation,
     ) -> Result<(), StoreError> {
         let cf = self.cf(INDEX_CF)?;
-        let deleted = volume.commit.lock();
-        if *deleted {
+        let history = self.cf(HISTORY_CF)?;
+        let state = volume.commit.lock();
+        if state.deleted {
             return Err(StoreError::NoSuchVolume(volume.id));
         }
         let keys: Vec<[u8; index::KEY_LEN]> = placed
@@ -769,12 +1179,22 @@ impl Store {
                     None
                 }
                 Some(value) => match IndexEntry::decode(&value) {
-                    Some(old) if old.meta.version >= meta.version => {
+                    Some(old) if !old.is_tombstone() && old.meta.version >= meta.version => {
                         skipped.push(slot);
                         continue;
                     }
                     Some(old) => {
-                        freed.push(old.slot);
+                        if old.is_tombstone() {
+                            added += 1;
+                        }
+                        state.retire(
+                            history,
+                            volume.id,
+                            block,
+                            old.current(),
+                            &mut batch,
+                            &mut freed,
+                        );
                         Some(old)
                     }
                     None => {
@@ -789,13 +1209,13 @@ impl Store {
                     }
                 },
             };
-            let entry = IndexEntry::successor(
-                old.as_ref(),
+            let new = Version {
                 slot,
                 meta,
-                generations.current,
-                generations.synced,
-            );
+                generation: generations.current,
+                birth: state.birth,
+            };
+            let entry = IndexEntry::successor(old.as_ref(), new, generations.synced);
             batch.put_cf(cf, key, entry.encode());
         }
         if !batch.is_empty() {
@@ -808,30 +1228,20 @@ impl Store {
         // Every reserved slot is now either referenced by the index or free again.
         reservation.runs.clear();
         drop(slots);
-        drop(deleted);
+        drop(state);
         Ok(())
     }
 
     /// Reads one block; `None` when it is not allocated. Data that fails its checksum
-    /// is [`StoreError::Corrupt`].
+    /// is [`StoreError::Corrupt`]. For a clone, blocks it never wrote come from its
+    /// origin ([`Store::read_blocks_at`] says from which volume).
     pub async fn read_block(
         &self,
         vol: VolumeId,
         block: u64,
     ) -> Result<Option<(BlockMeta, Box<Block>)>, StoreError> {
-        let volume = self.volume(vol)?;
-        let pin = ReadPin::new(&volume);
-        let cf = self.cf(INDEX_CF)?;
-        let Some(value) = self.db.get_pinned_cf(cf, index::key(vol, block))? else {
-            return Ok(None);
-        };
-        let entry = decode_entry(vol, block, &value)?;
-        drop(value);
-        let mut found = self
-            .read_entries(&volume, 1, block, vec![(block, entry)])
-            .await?;
-        drop(pin);
-        Ok(found.pop().flatten())
+        let mut found = self.read_view(vol, None, block, 1).await?;
+        Ok(found.pop().flatten().map(|b| (b.meta, b.data)))
     }
 
     /// Reads a range of blocks (at most [`MAX_BLOCKS_PER_IO`]) as one io_uring batch;
@@ -842,39 +1252,11 @@ impl Store {
         vol: VolumeId,
         blocks: Range<u64>,
     ) -> Result<Vec<Option<(BlockMeta, Box<Block>)>>, StoreError> {
-        let volume = self.volume(vol)?;
-        if blocks.is_empty() {
-            return Ok(Vec::new());
-        }
-        let count = usize::try_from(blocks.end - blocks.start)
-            .ok()
-            .filter(|&n| n <= MAX_BLOCKS_PER_IO)
-            .ok_or_else(|| {
-                StoreError::Failed(format!(
-                    "read of {} blocks (at most {MAX_BLOCKS_PER_IO})",
-                    blocks.end - blocks.start
-                ))
-            })?;
-        let pin = ReadPin::new(&volume);
-        let mut entries = Vec::new();
-        if count == 1 {
-            // A point lookup (bloom filters, no iterator set-up) is several times
-            // cheaper than a scan for the common single-block read.
-            let cf = self.cf(INDEX_CF)?;
-            if let Some(value) = self.db.get_pinned_cf(cf, index::key(vol, blocks.start))? {
-                entries.push((blocks.start, decode_entry(vol, blocks.start, &value)?));
-            }
-        } else {
-            self.scan_index(vol, blocks.clone(), |block, value| {
-                entries.push((block, decode_entry(vol, block, value)?));
-                Ok(true)
-            })?;
-        }
-        let result = self
-            .read_entries(&volume, count, blocks.start, entries)
-            .await;
-        drop(pin);
-        result
+        let found = self.read_blocks_at(vol, None, blocks).await?;
+        Ok(found
+            .into_iter()
+            .map(|b| b.map(|b| (b.meta, b.data)))
+            .collect())
     }
 
     /// Reads the data of `entries` (sorted by block, all within `count` blocks from
@@ -884,7 +1266,7 @@ impl Store {
         volume: &Volume,
         count: usize,
         first: u64,
-        entries: Vec<(u64, IndexEntry)>,
+        entries: ReadList,
     ) -> Result<ReadResult, StoreError> {
         let mut out: ReadResult = Vec::with_capacity(count);
         out.resize_with(count, || None);
@@ -895,16 +1277,14 @@ impl Store {
         let fd = volume.file.fd();
         let mut runs: Vec<(u64, Vec<(u64, BlockMeta)>)> = Vec::new();
         let mut next_slot = None;
-        for (block, entry) in entries {
+        for (block, slot, meta) in entries {
             match runs.last_mut() {
-                Some((_, owner))
-                    if next_slot == Some(entry.slot) && owner.len() < MAX_PART_BLOCKS =>
-                {
-                    owner.push((block, entry.meta));
+                Some((_, owner)) if next_slot == Some(slot) && owner.len() < MAX_PART_BLOCKS => {
+                    owner.push((block, meta));
                 }
-                _ => runs.push((entry.slot, vec![(block, entry.meta)])),
+                _ => runs.push((slot, vec![(block, meta)])),
             }
-            next_slot = entry.slot.checked_add(1);
+            next_slot = slot.checked_add(1);
         }
         let mut parts: Vec<IoPart> = Vec::with_capacity(runs.len());
         let mut owners: Vec<Vec<(u64, BlockMeta)>> = Vec::with_capacity(runs.len());
@@ -981,19 +1361,17 @@ impl Store {
         spans.push(span);
     }
 
-    /// Index entry only, no data read.
+    /// Index entry only, no data read (for a clone, the origin's for blocks it never
+    /// wrote).
     pub fn block_meta(&self, vol: VolumeId, block: u64) -> Result<Option<BlockMeta>, StoreError> {
-        self.volume(vol)?;
-        let cf = self.cf(INDEX_CF)?;
-        match self.db.get_pinned_cf(cf, index::key(vol, block))? {
-            None => Ok(None),
-            Some(value) => Ok(Some(decode_entry(vol, block, &value)?.meta)),
-        }
+        Ok(self.block_meta_at(vol, None, block)?.map(|(_, meta)| meta))
     }
 
-    /// Removes the index entries in `blocks`; their slots are reused (and their space
-    /// punched out of the file) after the next sync. Large ranges are removed in
-    /// batches of bounded size; each block is removed atomically.
+    /// Removes the blocks in `blocks`: they read as unallocated (zeros) afterwards. Their
+    /// slots are reused (and their space punched out of the file) after the next sync,
+    /// unless a snapshot still reads them. In a clone, blocks its origin holds get a
+    /// tombstone so they do not read through. Large ranges are removed in batches of
+    /// bounded size; each block is removed atomically.
     pub async fn discard_blocks(
         &self,
         vol: VolumeId,
@@ -1002,42 +1380,87 @@ impl Store {
         self.check_healthy()?;
         let volume = self.volume(vol)?;
         let cf = self.cf(INDEX_CF)?;
+        let history = self.cf(HISTORY_CF)?;
+        let batch_limit = usize::try_from(DISCARD_BATCH).unwrap_or(usize::MAX);
         let mut cursor = blocks.start;
         while cursor < blocks.end {
+            // A clone works in windows: the origin's blocks in the window need
+            // tombstones. The origin's snapshot never changes, so it is read unlocked.
+            let (window_end, hidden) = match volume.origin {
+                None => (blocks.end, Vec::new()),
+                Some((origin, snap)) => {
+                    let end = cursor.saturating_add(DISCARD_BATCH).min(blocks.end);
+                    let seen = self.view_versions(origin, Some(snap), cursor, end - cursor)?;
+                    (end, seen.into_iter().map(|s| s.block).collect::<Vec<u64>>())
+                }
+            };
             // The commit lock is a parking_lot guard: scope it so it is never held
             // across the await below (the future must stay Send).
             let next = {
-                let deleted = volume.commit.lock();
-                if *deleted {
+                let state = volume.commit.lock();
+                if state.deleted {
                     return Err(StoreError::NoSuchVolume(vol));
                 }
+                let generations = *self.generations.lock();
+                let tombstone = Version::tombstone(generations.current, state.birth);
                 let mut batch = WriteBatch::default();
                 let mut freed = Vec::new();
+                let mut own = Vec::new();
                 let mut removed = 0u64;
-                let mut next = blocks.end;
-                self.scan_index(vol, cursor..blocks.end, |block, value| {
-                    if removed >= DISCARD_BATCH {
+                let mut next = window_end;
+                self.scan_index(vol, cursor..window_end, |block, value| {
+                    if own.len() >= batch_limit {
                         next = block;
                         return Ok(false);
                     }
-                    batch.delete_cf(cf, index::key(vol, block));
-                    removed += 1;
+                    own.push(block);
+                    let hide = hidden.binary_search(&block).is_ok();
+                    let key = index::key(vol, block);
                     match IndexEntry::decode(value) {
-                        Some(entry) => freed.push(entry.slot),
-                        None => tracing::error!(
-                            volume = format_args!("{vol:016x}"),
-                            block,
-                            "discarding a malformed index entry"
-                        ),
+                        // Already hidden.
+                        Some(entry) if entry.is_tombstone() && hide => {}
+                        Some(entry) => {
+                            let old = entry.current();
+                            state.retire(history, vol, block, old, &mut batch, &mut freed);
+                            if !entry.is_tombstone() {
+                                removed += 1;
+                            }
+                            if hide {
+                                let entry = IndexEntry::successor(
+                                    Some(&entry),
+                                    tombstone,
+                                    generations.synced,
+                                );
+                                batch.put_cf(cf, key, entry.encode());
+                            } else {
+                                batch.delete_cf(cf, key);
+                            }
+                        }
+                        None => {
+                            tracing::error!(
+                                volume = format_args!("{vol:016x}"),
+                                block,
+                                "discarding a malformed index entry"
+                            );
+                            removed += 1;
+                            batch.delete_cf(cf, key);
+                        }
                     }
                     Ok(true)
                 })?;
+                // Blocks the clone never wrote but its origin holds.
+                for &block in hidden.iter().filter(|&&b| b < next) {
+                    if own.binary_search(&block).is_err() {
+                        let entry = IndexEntry::new(tombstone);
+                        batch.put_cf(cf, index::key(vol, block), entry.encode());
+                    }
+                }
                 if !batch.is_empty() {
                     self.db.write_opt(batch, &self.write_options)?;
                 }
                 volume.live.fetch_sub(removed, Ordering::Relaxed);
                 volume.slots.lock().free_after_sync(freed);
-                drop(deleted);
+                drop(state);
                 next
             };
             cursor = next;
@@ -1187,15 +1610,31 @@ impl Store {
         }
     }
 
-    /// Allocated (live) blocks of a volume. O(1).
+    /// Allocated (live) blocks of a volume: those stored in it, so neither the blocks a
+    /// clone reads through to its origin nor the versions only snapshots hold
+    /// ([`Store::snapshots`] counts those). O(1).
     pub fn allocated_blocks(&self, vol: VolumeId) -> Result<u64, StoreError> {
         Ok(self.volume(vol)?.live.load(Ordering::Relaxed))
     }
 
     /// Allocation map of a block range, merged into runs of allocated and unallocated
-    /// blocks covering the whole range.
+    /// blocks covering the whole range. For a clone, blocks its origin holds (and it
+    /// did not trim) are allocated.
     pub fn extents(&self, vol: VolumeId, blocks: Range<u64>) -> Result<Vec<Extent>, StoreError> {
-        self.volume(vol)?;
+        self.extents_at(vol, None, blocks)
+    }
+
+    /// [`Store::extents`] of a view: the live volume (`snap` `None`) or a snapshot.
+    pub fn extents_at(
+        &self,
+        vol: VolumeId,
+        snap: Option<SnapId>,
+        blocks: Range<u64>,
+    ) -> Result<Vec<Extent>, StoreError> {
+        let volume = self.volume(vol)?;
+        if let Some(snap) = snap {
+            check_snapshot(&volume, snap)?;
+        }
         let mut extents: Vec<Extent> = Vec::new();
         let mut push = |start: u64, count: u64, allocated: bool| match extents.last_mut() {
             Some(last) if last.allocated == allocated && last.start + last.count == start => {
@@ -1208,16 +1647,38 @@ impl Store {
             }),
         };
         let mut cursor = blocks.start;
-        self.scan_index(vol, blocks.clone(), |block, _| {
+        let mut allocated = |block: u64| {
             if block > cursor {
                 push(cursor, block - cursor, false);
             }
             push(block, 1, true);
             cursor = block + 1;
-            Ok(true)
-        })?;
+        };
+        if snap.is_none() && volume.origin.is_none() {
+            // The live view of a volume that is no clone: its index entries, in one
+            // scan however sparse the range.
+            let tombstone = index::TOMBSTONE.to_le_bytes();
+            self.scan_index(vol, blocks.clone(), |block, value| {
+                if value.get(..8) != Some(&tombstone[..]) {
+                    allocated(block);
+                }
+                Ok(true)
+            })?;
+        } else {
+            let mut start = blocks.start;
+            while start < blocks.end {
+                let end = start.saturating_add(EXTENT_WINDOW).min(blocks.end);
+                for seen in self.view_versions(vol, snap, start, end - start)? {
+                    allocated(seen.block);
+                }
+                start = end;
+            }
+        }
         if cursor < blocks.end {
             push(cursor, blocks.end - cursor, false);
+        }
+        if let Some(snap) = snap {
+            check_snapshot(&volume, snap)?;
         }
         Ok(extents)
     }
@@ -1288,6 +1749,14 @@ impl Store {
     /// Every metadata record whose key starts with `prefix`, sorted by key (except the
     /// store's own, under `replica/`).
     pub fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut records = self.scan_meta_raw(prefix)?;
+        // The store's own records are not the caller's.
+        records.retain(|(key, _)| !key.starts_with(RESERVED_META_PREFIX));
+        Ok(records)
+    }
+
+    /// Every metadata record whose key starts with `prefix`, the store's own included.
+    fn scan_meta_raw(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut iter = self.db.raw_iterator_cf(self.cf(META_CF)?);
         iter.seek(prefix);
         let mut records = Vec::new();
@@ -1300,10 +1769,7 @@ impl Store {
             }
             let key = std::str::from_utf8(key)
                 .map_err(|_| StoreError::Failed("metadata key is not UTF-8".to_owned()))?;
-            // The store's own records are not the caller's.
-            if !key.starts_with(RESERVED_META_PREFIX) {
-                records.push((key.to_owned(), value.to_vec()));
-            }
+            records.push((key.to_owned(), value.to_vec()));
             iter.next();
         }
         iter.status()?;
@@ -1340,7 +1806,8 @@ enum Kept {
 /// Decides what to keep of an entry found at open when generation `synced` was the last
 /// completed sync: an entry of a later generation is kept only if its data landed.
 fn check_entry(scan: &mut VolumeScan, synced: u64, entry: &IndexEntry, buf: &mut Block) -> Kept {
-    if entry.generation <= synced {
+    if entry.generation <= synced || entry.is_tombstone() {
+        // Durable, or no data to lose.
         return Kept::Current;
     }
     scan.checked += 1;
@@ -1431,6 +1898,44 @@ impl Store {
         (generations.current, generations.synced)
     }
 
+    /// The history versions of a volume, by block.
+    pub(crate) fn history_entries(&self, vol: VolumeId) -> Vec<(u64, HistoryEntry)> {
+        let mut entries = Vec::new();
+        let _ = self.scan_history(vol, |block, _, entry| {
+            entries.push((block, entry));
+            Ok(())
+        });
+        entries
+    }
+
+    /// Slots of a volume's data file in use (not free), once freed slots were reclaimed.
+    pub(crate) fn used_slots(&self, vol: VolumeId) -> u64 {
+        self.volume(vol)
+            .map(|v| {
+                let slots = v.slots.lock();
+                slots.len() - slots.free_count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Starts a snapshot as `create_snapshot` does, but never records it (a creation
+    /// cut short by a crash).
+    pub(crate) fn begin_unrecorded_snapshot(&self, vol: VolumeId) -> SnapId {
+        let volume = self.volume(vol).unwrap_or_else(|e| panic!("{e}"));
+        let mut state = volume.commit.lock();
+        let snap = state.birth;
+        state.birth += 1;
+        state.snapshots.insert(snap, false);
+        snap
+    }
+
+    /// Deletes a snapshot's record only (a deletion cut short by a crash).
+    pub(crate) fn delete_snapshot_record(&self, vol: VolumeId, snap: SnapId) {
+        if let Ok(cf) = self.cf(META_CF) {
+            let _ = self.db.delete_cf(cf, snapshot_record_key(vol, snap));
+        }
+    }
+
     /// Writes a raw value into the index, for tests of malformed entries.
     pub(crate) fn put_raw_index(&self, vol: VolumeId, block: u64, value: &[u8]) {
         if let Ok(cf) = self.cf(INDEX_CF) {
@@ -1438,6 +1943,21 @@ impl Store {
         }
     }
 }
+
+/// Fails unless `snap` is a recorded snapshot of `volume`.
+fn check_snapshot(volume: &Volume, snap: SnapId) -> Result<(), StoreError> {
+    if volume.commit.lock().has(snap) {
+        Ok(())
+    } else {
+        Err(StoreError::NoSuchSnapshot {
+            volume: volume.id,
+            snapshot: snap,
+        })
+    }
+}
+
+mod snapshots;
+mod view;
 
 #[cfg(test)]
 mod tests;

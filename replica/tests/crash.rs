@@ -6,6 +6,11 @@
 //! Discards of long runs are mixed in, so freed slots are reused, punched and truncated
 //! while the child dies. Several rounds run on the same store, so reopened stores are
 //! written to and killed again.
+//!
+//! In the snapshot variant the child also creates and deletes snapshots after its
+//! syncs (so a kill lands in the middle of either now and then): every snapshot the
+//! store lists after the kill must read exactly the volume as it was when it was taken,
+//! and snapshots reported deleted must be gone.
 
 mod common;
 
@@ -15,13 +20,19 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::collections::BTreeMap;
+
 use common::{consistent, open, write};
-use trireme_replica::BlockWrite;
+use trireme_replica::{BlockWrite, SnapId, Store};
 
 /// Set in the child: the store directory.
 const CHILD_DIR: &str = "TRIREME_CRASH_CHILD_DIR";
 /// Set in the child: first sequence number of its round.
 const CHILD_BASE: &str = "TRIREME_CRASH_CHILD_BASE";
+/// Set in the child: create and delete snapshots after syncs.
+const CHILD_SNAPSHOTS: &str = "TRIREME_CRASH_CHILD_SNAPSHOTS";
+/// Most snapshots the child keeps before it deletes the oldest.
+const CHILD_KEEPS: usize = 4;
 
 const VOLUME: u64 = 0xc0ffee;
 /// Blocks written to: few enough that they are overwritten often (slot reuse, holes,
@@ -104,6 +115,7 @@ fn child_writer() {
         return;
     };
     let base: u64 = base.parse().unwrap_or_else(|e| panic!("bad base: {e}"));
+    let snapshots = std::env::var(CHILD_SNAPSHOTS).is_ok();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -142,9 +154,42 @@ fn child_writer() {
                 store.sync().await.unwrap_or_else(|e| panic!("sync: {e}"));
                 println!("synced {}", seq - 1);
                 since_sync = 0;
+                if snapshots {
+                    snapshot_step(&store, seq).await;
+                }
             }
         }
     });
+}
+
+/// After the sync that covered every sequence number below `seq`: creates a snapshot
+/// (printing `snapshot <id> <seq - 1>`), or deletes the oldest one (printing
+/// `deleted <id>`), or neither.
+async fn snapshot_step(store: &Store, seq: u64) {
+    match mix(seq ^ 0x5a5a) % 3 {
+        0 => {
+            let id = store
+                .create_snapshot(VOLUME)
+                .await
+                .unwrap_or_else(|e| panic!("create snapshot: {e}"));
+            println!("snapshot {id} {}", seq - 1);
+        }
+        1 => {
+            let list = store
+                .snapshots(VOLUME)
+                .unwrap_or_else(|e| panic!("list snapshots: {e}"));
+            if list.len() >= CHILD_KEEPS
+                && let Some(oldest) = list.first()
+            {
+                store
+                    .delete_snapshot(VOLUME, oldest.id)
+                    .await
+                    .unwrap_or_else(|e| panic!("delete snapshot: {e}"));
+                println!("deleted {}", oldest.id);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Small xorshift for the kill timing; the seed is printed for replay.
@@ -159,10 +204,25 @@ impl Rng {
     }
 }
 
-/// Runs one child round and returns the last sequence number it reported synced.
-fn run_child(dir: &Path, base: u64, kill_after: Duration) -> u64 {
+/// What a child reported before it was killed.
+#[derive(Debug, Default)]
+struct Report {
+    /// Last sequence number reported synced.
+    synced: u64,
+    /// Snapshots reported created: id and the last sequence number they hold.
+    created: Vec<(SnapId, u64)>,
+    /// Snapshots reported deleted.
+    deleted: Vec<SnapId>,
+}
+
+/// Runs one child round and returns what it reported.
+fn run_child(dir: &Path, base: u64, kill_after: Duration, snapshots: bool) -> Report {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    if snapshots {
+        command.env(CHILD_SNAPSHOTS, "1");
+    }
+    let mut child = command
         .args([
             "child_writer",
             "--exact",
@@ -184,16 +244,25 @@ fn run_child(dir: &Path, base: u64, kill_after: Duration) -> u64 {
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(n) = line.strip_prefix("synced ")
-                && let Ok(n) = n.trim().parse::<u64>()
-            {
-                let _ = tx.send(n);
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let number = |i: usize| words.get(i).and_then(|w| w.parse::<u64>().ok());
+            let event = match (words.first().copied(), number(1), number(2)) {
+                (Some("synced"), Some(n), _) => Some(Event::Synced(n)),
+                (Some("snapshot"), Some(id), Some(seq)) => Some(Event::Created(id, seq)),
+                (Some("deleted"), Some(id), _) => Some(Event::Deleted(id)),
+                _ => None,
+            };
+            if let Some(event) = event {
+                let _ = tx.send(event);
             }
         }
     });
     // Wait for the first sync, then let it run a random while and kill it.
     let first = rx.recv_timeout(Duration::from_secs(30));
-    if first.is_err() {
+    let mut report = Report::default();
+    if let Ok(event) = first {
+        report.add(event);
+    } else {
         let _ = child.kill();
         let _ = child.wait();
         panic!("child reported no sync within 30 s");
@@ -203,11 +272,41 @@ fn run_child(dir: &Path, base: u64, kill_after: Duration) -> u64 {
     let status = child.wait().unwrap_or_else(|e| panic!("wait: {e}"));
     assert!(!status.success(), "child exited by itself: {status}");
     let _ = reader.join();
-    let mut last = first.unwrap_or(0);
-    while let Ok(n) = rx.try_recv() {
-        last = last.max(n);
+    while let Ok(event) = rx.try_recv() {
+        report.add(event);
     }
-    last
+    report
+}
+
+/// One line of a child's report.
+#[derive(Debug)]
+enum Event {
+    Synced(u64),
+    Created(SnapId, u64),
+    Deleted(SnapId),
+}
+
+impl Report {
+    fn add(&mut self, event: Event) {
+        match event {
+            Event::Synced(n) => self.synced = self.synced.max(n),
+            Event::Created(id, seq) => self.created.push((id, seq)),
+            Event::Deleted(id) => self.deleted.push(id),
+        }
+    }
+}
+
+/// The model after every operation from `base` up to sequence number `upto`, applied to
+/// `start`.
+fn replay(start: &Model, base: u64, upto: u64) -> Model {
+    let mut model = start.clone();
+    let mut seq = base;
+    while seq <= upto {
+        let op = Op::at(seq);
+        apply(&mut model, seq, &op);
+        seq += op.len();
+    }
+    model
 }
 
 /// Each round kills the child and checks that the volume is exactly the result of a
@@ -216,6 +315,16 @@ fn run_child(dir: &Path, base: u64, kill_after: Duration) -> u64 {
 /// are atomic (one index batch each), so nothing in between is allowed.
 #[test]
 fn killed_writer_loses_nothing_synced() {
+    killed_rounds(false);
+}
+
+/// The same, with snapshots created and deleted after syncs.
+#[test]
+fn killed_writer_keeps_every_snapshot_exact() {
+    killed_rounds(true);
+}
+
+fn killed_rounds(snapshots: bool) {
     let dir = common::tempdir();
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -226,6 +335,8 @@ fn killed_writer_loses_nothing_synced() {
     let mut rng = Rng(seed);
     let blocks_len = usize::try_from(BLOCKS).unwrap_or(0);
     let mut model: Model = vec![None; blocks_len];
+    // Content of every snapshot the store may hold, by id.
+    let mut expected: BTreeMap<SnapId, Model> = BTreeMap::new();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -233,8 +344,10 @@ fn killed_writer_loses_nothing_synced() {
     for round in 1..=4u64 {
         let base = round * ROUND_SPAN;
         let kill_after = Duration::from_millis(20 + rng.next() % 400);
-        let synced = run_child(dir.path(), base, kill_after);
+        let report = run_child(dir.path(), base, kill_after, snapshots);
+        let synced = report.synced;
         assert!(synced >= base, "round {round}: nothing synced");
+        let round_start = model.clone();
         let mut seq = base;
         while seq <= synced {
             let op = Op::at(seq);
@@ -286,6 +399,15 @@ fn killed_writer_loses_nothing_synced() {
             allocated,
             "round {round} (seed {seed}): live count"
         );
+        if snapshots {
+            check_snapshots(&store, &runtime, &report, &mut expected, &round_start, base);
+            println!(
+                "round {round}: {} snapshots created, {} deleted, {} listed and verified",
+                report.created.len(),
+                report.deleted.len(),
+                expected.len()
+            );
+        }
         model = actual;
         println!(
             "round {round}: killed after {kill_after:?}, synced up to +{}, {after} more \
@@ -293,4 +415,68 @@ fn killed_writer_loses_nothing_synced() {
             synced - base
         );
     }
+}
+
+/// Checks the snapshots listed after a kill: those reported created are there and read
+/// as the volume after the operations they were taken after; one taken but not reported
+/// reads as the volume at the last reported sync (it is taken right after a sync); those
+/// reported deleted are gone. Updates `expected` to the listed snapshots.
+fn check_snapshots(
+    store: &Store,
+    runtime: &tokio::runtime::Runtime,
+    report: &Report,
+    expected: &mut BTreeMap<SnapId, Model>,
+    round_start: &Model,
+    base: u64,
+) {
+    for &(id, seq) in &report.created {
+        expected.insert(id, replay(round_start, base, seq));
+    }
+    for id in &report.deleted {
+        expected.remove(id);
+    }
+    let listed: Vec<SnapId> = store
+        .snapshots(VOLUME)
+        .unwrap_or_else(|e| panic!("list snapshots: {e}"))
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    for (&id, _) in expected.iter() {
+        assert!(
+            listed.contains(&id),
+            "snapshot {id} was reported created and is gone"
+        );
+    }
+    let mut kept = BTreeMap::new();
+    for id in listed {
+        let want = match expected.get(&id) {
+            Some(model) => model.clone(),
+            // Created, killed before it was reported: taken after the last sync.
+            None => replay(round_start, base, report.synced),
+        };
+        let found = runtime
+            .block_on(store.read_blocks_at(VOLUME, Some(id), 0..BLOCKS))
+            .unwrap_or_else(|e| panic!("read snapshot {id}: {e}"));
+        let mut actual: Model = vec![None; want.len()];
+        for ((block, found), version) in (0u64..).zip(&found).zip(actual.iter_mut()) {
+            if let Some(found) = found {
+                assert!(
+                    consistent(block, &found.meta, &found.data),
+                    "snapshot {id}: block {block} data is not its version"
+                );
+                *version = Some(found.meta.version);
+            }
+        }
+        if actual != want {
+            let diffs: Vec<String> = (0u64..)
+                .zip(want.iter().zip(&actual))
+                .filter(|(_, (w, a))| w != a)
+                .take(8)
+                .map(|(b, (w, a))| format!("block {b}: expected {w:?}, found {a:?}"))
+                .collect();
+            panic!("snapshot {id} differs: {diffs:?}");
+        }
+        kept.insert(id, actual);
+    }
+    *expected = kept;
 }

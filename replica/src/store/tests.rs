@@ -533,3 +533,134 @@ fn reserved_meta_keys_are_refused() {
     assert_eq!(ok(store.scan_meta("")).len(), 1);
     assert!(ok(store.get_meta("replica/synced-generation")).is_some());
 }
+
+// Snapshots and the power-loss repair at open.
+
+/// Live blocks plus history versions with data: what the data file must hold.
+fn referenced(store: &Store, vol: VolumeId) -> u64 {
+    let history = store
+        .history_entries(vol)
+        .iter()
+        .filter(|(_, e)| !e.version.is_tombstone())
+        .count();
+    ok(store.allocated_blocks(vol)) + u64::try_from(history).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn lost_overwrite_after_a_snapshot_drops_its_history_copy() {
+    for lose in [true, false] {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let (path, v1_slot, v2_slot, snap) = {
+            let store = open_dir(dir.path());
+            ok(store.create_volume(1));
+            ok(store
+                .write_blocks(1, vec![block_write(0, 1, 0x01), block_write(1, 1, 0x11)])
+                .await);
+            let v1_slot = slot(&store, 1, 0);
+            let snap = ok(store.create_snapshot(1).await);
+            // The overwrite moves version 1 to the history; it is never synced.
+            ok(store.write_blocks(1, vec![block_write(0, 2, 0x02)]).await);
+            assert_eq!(store.history_entries(1).len(), 1);
+            (store.data_file_path(1), v1_slot, slot(&store, 1, 0), snap)
+        };
+        if lose {
+            lose_slot(&path, v2_slot);
+        }
+        let store = open_dir(dir.path());
+        let at_snap = ok(store.read_blocks_at(1, Some(snap), 0..1).await);
+        assert!(at_snap[0].as_ref().is_some_and(|b| b.meta.version == 1));
+        if lose {
+            assert_reads(&store, 1, 0, 1, 0x01).await;
+            // Version 1 is live again: its history copy went, its slot is used once.
+            assert!(store.history_entries(1).is_empty());
+            assert_eq!(slot(&store, 1, 0), v1_slot);
+        } else {
+            assert_reads(&store, 1, 0, 2, 0x02).await;
+            assert_eq!(store.history_entries(1).len(), 1);
+        }
+        assert!(!store.slot_is_free(1, v1_slot));
+        assert_eq!(store.used_slots(1), referenced(&store, 1));
+        // Deleting the snapshot frees only what nothing reads.
+        ok(store.delete_snapshot(1, snap).await);
+        ok(store.sync().await);
+        assert!(store.history_entries(1).is_empty());
+        assert_eq!(store.used_slots(1), 2);
+        if lose {
+            assert!(!store.slot_is_free(1, v1_slot));
+            assert_reads(&store, 1, 0, 1, 0x01).await;
+        } else {
+            assert_reads(&store, 1, 0, 2, 0x02).await;
+        }
+        assert_reads(&store, 1, 1, 1, 0x11).await;
+    }
+}
+
+#[tokio::test]
+async fn snapshot_creation_cut_short_leaves_no_history() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    {
+        let store = open_dir(dir.path());
+        ok(store.create_volume(1));
+        ok(store
+            .write_blocks(1, (0..4).map(|b| block_write(b, 1, 0x01)).collect())
+            .await);
+        ok(store.sync().await);
+        let _ = store.begin_unrecorded_snapshot(1);
+        ok(store
+            .write_blocks(1, (0..4).map(|b| block_write(b, 2, 0x02)).collect())
+            .await);
+        ok(store.discard_blocks(1, 3..4).await);
+        assert_eq!(store.history_entries(1).len(), 4);
+        ok(store.sync().await);
+    }
+    let store = open_dir(dir.path());
+    assert!(ok(store.snapshots(1)).is_empty());
+    assert!(store.history_entries(1).is_empty());
+    assert_eq!(store.used_slots(1), 3);
+    for b in 0..3 {
+        assert_reads(&store, 1, b, 2, 0x02).await;
+    }
+    assert_absent(&store, 1, 3).await;
+    // The live generation never goes back: a new snapshot gets a fresh id.
+    let snap = ok(store.create_snapshot(1).await);
+    assert!(snap >= 2);
+}
+
+#[tokio::test]
+async fn snapshot_deletion_cut_short_is_finished_at_open() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (kept, gone) = {
+        let store = open_dir(dir.path());
+        ok(store.create_volume(1));
+        ok(store
+            .write_blocks(1, (0..8).map(|b| block_write(b, 1, 0x01)).collect())
+            .await);
+        let gone = ok(store.create_snapshot(1).await);
+        ok(store
+            .write_blocks(1, (0..4).map(|b| block_write(b, 2, 0x02)).collect())
+            .await);
+        let kept = ok(store.create_snapshot(1).await);
+        ok(store
+            .write_blocks(1, (0..8).map(|b| block_write(b, 3, 0x03)).collect())
+            .await);
+        ok(store.sync().await);
+        assert_eq!(store.history_entries(1).len(), 12);
+        assert_eq!(store.used_slots(1), 20);
+        // The record goes, the history deletion never happens.
+        store.delete_snapshot_record(1, gone);
+        (kept, gone)
+    };
+    let store = open_dir(dir.path());
+    let ids: Vec<SnapId> = ok(store.snapshots(1)).iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![kept]);
+    assert!(gone < kept);
+    // Versions 2 of 0..4 and 1 of 4..8 stay for `kept`; versions 1 of 0..4 went.
+    assert_eq!(store.history_entries(1).len(), 8);
+    assert_eq!(store.used_slots(1), 16);
+    assert_eq!(store.used_slots(1), referenced(&store, 1));
+    let at = ok(store.read_blocks_at(1, Some(kept), 0..8).await);
+    for (b, found) in (0u64..).zip(at) {
+        let want = if b < 4 { 2 } else { 1 };
+        assert!(found.is_some_and(|f| f.meta.version == want), "block {b}");
+    }
+}

@@ -1,7 +1,9 @@
 //! The `trireme` CLI against a real dev cluster: the exact command forms users' scripts
 //! rely on, and one clear error line for each kind of mistake.
 
-use trireme_tests::{DevCluster, ok, trireme_bin};
+use std::process::Command;
+
+use trireme_tests::{DevCluster, ok, run, trireme_bin};
 
 #[test]
 fn dev_cluster_lifecycle_and_status_json() {
@@ -234,4 +236,54 @@ print("read-only ok")
         "-c",
         "read -P 0x48 0 4k",
     ]));
+}
+
+/// `cluster init` and `cluster issue-cert`: the CA and master key with private modes, a
+/// node certificate that openssl verifies against the CA and that names the node, and
+/// one-line refusals (a second init, a bad node name, no CA yet).
+#[test]
+fn cluster_init_and_node_certificates() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("c");
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(trireme_bin());
+        c.arg("--cluster").arg(&cluster).args(args);
+        run(&mut c)
+    };
+    let no_ca = cli(&["cluster", "issue-cert", "node1"]);
+    assert!(!no_ca.status.success());
+    assert!(String::from_utf8_lossy(&no_ca.stderr).contains("cluster init"));
+    let init = cli(&["cluster", "init"]);
+    assert!(init.status.success(), "{init:?}");
+    let mode = |p: &str| {
+        std::fs::metadata(cluster.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("ca.key"), 0o600);
+    assert_eq!(mode("master.key"), 0o600);
+    let again = cli(&["cluster", "init"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already has a CA"));
+    let issued = cli(&["cluster", "issue-cert", "node1"]);
+    assert!(issued.status.success(), "{issued:?}");
+    assert_eq!(mode("node1/tls/node1.key"), 0o600);
+    let verify = ok(Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(cluster.join("ca.crt"))
+        .arg(cluster.join("node1/tls/node1.crt")));
+    assert!(verify.contains(": OK"), "{verify}");
+    let san = ok(Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(cluster.join("node1/tls/node1.crt")));
+    assert!(san.contains("DNS:node1.node.trireme"), "{san}");
+    let bad = cli(&["cluster", "issue-cert", "Bad_Name"]);
+    assert!(!bad.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr).trim().lines().count(),
+        1
+    );
 }

@@ -13,10 +13,8 @@ usage: benches/import-compare.py [--reps 3] [--size 4G] [--random-percent 80]
 """
 import argparse, json, os, shutil, signal, statistics, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", "/var/cache/trireme/target")
 TRIREME = os.environ.get("TRIREME_BIN", os.path.join(TARGET, "release", "trireme"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(cmd, **kw):

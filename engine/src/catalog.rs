@@ -108,11 +108,57 @@ pub struct VolumeRecord {
     /// Exported read-only: writes, trims and zeroing are refused.
     #[serde(default)]
     pub read_only: bool,
+    /// For a clone: the snapshot it was cloned from (it reads its unwritten blocks
+    /// there, sealed with the origin volume's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<CloneOrigin>,
+}
+
+/// The snapshot a clone reads through to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneOrigin {
+    /// Origin volume's name.
+    pub volume: String,
+    /// Origin volume's id.
+    pub volume_id: u64,
+    /// Snapshot name.
+    pub snapshot: String,
+    /// The block store's snapshot id.
+    pub snapshot_id: u64,
+}
+
+/// A snapshot of a volume: a read-only point-in-time view kept by the block store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// Volume name.
+    pub volume: String,
+    /// Volume id.
+    pub volume_id: u64,
+    /// Snapshot name (unique per volume).
+    pub name: String,
+    /// The block store's snapshot id.
+    pub id: u64,
+    /// The volume's size when the snapshot was taken.
+    pub size: u64,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
 }
 
 pub(crate) const TENANT_PREFIX: &str = "tenant/";
 pub(crate) const VOLUME_PREFIX: &str = "volume/";
 pub(crate) const NEXT_ID_KEY: &str = "counter/next-id";
+pub(crate) const SNAPSHOT_PREFIX: &str = "snapshot/";
+
+/// The record key of snapshot `name` of volume `volume` (volume names hold no `@`, so
+/// `snapshot/<volume>@` prefixes exactly that volume's snapshots).
+pub(crate) fn snapshot_key(volume: &str, name: &str) -> String {
+    format!("{SNAPSHOT_PREFIX}{volume}@{name}")
+}
+
+/// Splits `VOLUME@SNAPSHOT`; `None` when there is no `@`.
+pub fn split_snapshot_ref(s: &str) -> Option<(&str, &str)> {
+    s.split_once('@')
+}
 
 /// The record key of a volume's version reservation.
 pub(crate) fn sequence_key(volume_id: u64) -> String {

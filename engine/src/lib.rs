@@ -8,6 +8,7 @@
 //! - `range_lock`: block-range locks for read-modify-write.
 //! - `volume`: byte-addressed I/O on one volume.
 //! - `node`: the node's engine: catalog operations and open volumes.
+//! - `snapshots`: snapshots, rollback and clones of volumes.
 
 pub mod catalog;
 pub mod crashsafe;
@@ -16,10 +17,12 @@ pub mod master_key;
 pub mod node;
 pub mod range_lock;
 pub mod sequence;
+pub mod snapshots;
 pub mod volume;
 
 pub use catalog::StorageClass;
 pub use node::{
     DEFAULT_TENANT, Engine, EngineError, TenantInfo, VolumeInfo, VolumeSpec, parse_size,
 };
-pub use volume::{BLOCK, ByteExtent, Segment, Volume, VolumeError};
+pub use snapshots::{RollbackInfo, SnapshotInfo, parse_snapshot_ref};
+pub use volume::{BLOCK, ByteExtent, Segment, Volume, VolumeError, WriterGuard};

@@ -10,8 +10,8 @@ use replica::{Store, StoreError, StoreOptions};
 use serde::Serialize;
 
 use crate::catalog::{
-    MetaError, MetaKv, NEXT_ID_KEY, StorageClass, TENANT_PREFIX, TenantRecord, VOLUME_PREFIX,
-    VolumeRecord, from_hex, to_hex, validate_name,
+    MetaError, MetaKv, NEXT_ID_KEY, SnapshotRecord, StorageClass, TENANT_PREFIX, TenantRecord,
+    VOLUME_PREFIX, VolumeRecord, from_hex, snapshot_key, split_snapshot_ref, to_hex, validate_name,
 };
 use crate::crypto::{BlockCipher, CryptoError, SecretKey};
 use crate::sequence::VersionCounter;
@@ -41,6 +41,16 @@ pub enum EngineError {
     /// The name is taken.
     #[error("tenant {0} already exists")]
     TenantExists(String),
+    /// No snapshot of that name (`VOLUME@NAME`).
+    #[error("no such snapshot: {0}")]
+    NoSuchSnapshot(String),
+    /// The snapshot name is taken (`VOLUME@NAME`).
+    #[error("snapshot {0} already exists")]
+    SnapshotExists(String),
+    /// Refused in the current state (attached, has clones, ...); the message says why
+    /// and what to do.
+    #[error("{0}")]
+    Busy(String),
     /// A request that can never succeed as given (bad name, bad size, shrink, ...).
     #[error("{0}")]
     Invalid(String),
@@ -102,6 +112,10 @@ pub struct VolumeInfo {
     pub created: u64,
     /// Exported read-only.
     pub read_only: bool,
+    /// For a clone, the snapshot it was cloned from (`VOLUME@SNAPSHOT`).
+    pub origin: Option<String>,
+    /// Number of snapshots.
+    pub snapshots: usize,
 }
 
 /// A tenant as the admin API shows it.
@@ -120,9 +134,14 @@ pub struct Engine {
     store: Arc<Store>,
     meta: Arc<dyn MetaKv>,
     master: SecretKey,
-    /// Serialises catalog changes (create, delete, resize); I/O never takes it.
-    admin: Mutex<()>,
-    open: RwLock<HashMap<String, Arc<Volume>>>,
+    /// Serialises catalog changes (create, delete, resize); I/O never takes it. Held
+    /// only for short synchronous steps, never across an await.
+    pub(crate) admin: Mutex<()>,
+    /// Serialises the snapshot operations (create, delete, rollback, clone), which
+    /// wait for the store; taken before `admin`, never while holding it.
+    pub(crate) snapshot_admin: tokio::sync::Mutex<()>,
+    /// Open volumes and snapshot views (`VOLUME@SNAPSHOT`), by export name.
+    pub(crate) open: RwLock<HashMap<String, Arc<Volume>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -133,7 +152,7 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -144,7 +163,7 @@ fn tenant_context(name: &str, id: u64) -> String {
     format!("trireme tenant key v1 {id} {name}")
 }
 
-fn volume_context(name: &str, id: u64) -> String {
+pub(crate) fn volume_context(name: &str, id: u64) -> String {
     format!("trireme volume key v1 {id} {name}")
 }
 
@@ -162,6 +181,7 @@ impl Engine {
             meta,
             master,
             admin: Mutex::new(()),
+            snapshot_admin: tokio::sync::Mutex::new(()),
             open: RwLock::new(HashMap::new()),
         })
     }
@@ -171,7 +191,15 @@ impl Engine {
         &self.store
     }
 
-    fn get_record<T: serde::de::DeserializeOwned>(
+    pub(crate) fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.meta.get(key)?)
+    }
+
+    pub(crate) fn meta_delete(&self, key: &str) -> Result<(), EngineError> {
+        Ok(self.meta.delete(key)?)
+    }
+
+    pub(crate) fn get_record<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
     ) -> Result<Option<T>, EngineError> {
@@ -188,7 +216,11 @@ impl Engine {
         }
     }
 
-    fn put_record<T: Serialize>(&self, key: &str, record: &T) -> Result<(), EngineError> {
+    pub(crate) fn put_record<T: Serialize>(
+        &self,
+        key: &str,
+        record: &T,
+    ) -> Result<(), EngineError> {
         let bytes = serde_json::to_vec(record).map_err(|e| EngineError::Malformed {
             key: key.to_string(),
             reason: e.to_string(),
@@ -196,7 +228,7 @@ impl Engine {
         Ok(self.meta.put(key, &bytes)?)
     }
 
-    fn scan_records<T: serde::de::DeserializeOwned>(
+    pub(crate) fn scan_records<T: serde::de::DeserializeOwned>(
         &self,
         prefix: &str,
     ) -> Result<Vec<T>, EngineError> {
@@ -212,7 +244,7 @@ impl Engine {
             .collect()
     }
 
-    fn next_id(&self) -> Result<u64, EngineError> {
+    pub(crate) fn next_id(&self) -> Result<u64, EngineError> {
         let id =
             match self.meta.get(NEXT_ID_KEY)? {
                 None => 1,
@@ -285,9 +317,26 @@ impl Engine {
         self.meta.delete(&key)?;
         let volumes: Vec<VolumeRecord> = self.scan_records(VOLUME_PREFIX)?;
         let mut deleted = Vec::new();
-        for v in volumes.into_iter().filter(|v| v.tenant == name) {
-            self.delete_volume_locked(&v)?;
-            deleted.push(v.name);
+        // Clones before the volumes they read through to (clones never cross tenants),
+        // so every deletion is allowed.
+        let mut own: Vec<VolumeRecord> = volumes.into_iter().filter(|v| v.tenant == name).collect();
+        while !own.is_empty() {
+            let origins: Vec<u64> = own
+                .iter()
+                .filter_map(|v| v.origin.as_ref().map(|o| o.volume_id))
+                .collect();
+            let (leaves, rest): (Vec<VolumeRecord>, Vec<VolumeRecord>) =
+                own.into_iter().partition(|v| !origins.contains(&v.id));
+            if leaves.is_empty() {
+                return Err(EngineError::Busy(format!(
+                    "tenant {name}: its volumes' clone records form a loop; nothing more deleted"
+                )));
+            }
+            for v in leaves {
+                self.delete_volume_locked(&v)?;
+                deleted.push(v.name);
+            }
+            own = rest;
         }
         tracing::info!(
             tenant = name,
@@ -297,16 +346,17 @@ impl Engine {
         Ok(deleted)
     }
 
-    fn tenant(&self, name: &str) -> Result<Option<TenantRecord>, EngineError> {
+    pub(crate) fn tenant(&self, name: &str) -> Result<Option<TenantRecord>, EngineError> {
         self.get_record(&format!("{TENANT_PREFIX}{name}"))
     }
 
-    fn volume_record(&self, name: &str) -> Result<VolumeRecord, EngineError> {
+    pub(crate) fn volume_record(&self, name: &str) -> Result<VolumeRecord, EngineError> {
         self.get_record(&format!("{VOLUME_PREFIX}{name}"))?
             .ok_or_else(|| EngineError::NoSuchVolume(name.to_string()))
     }
 
-    fn info(&self, r: &VolumeRecord) -> Result<VolumeInfo, EngineError> {
+    pub(crate) fn info(&self, r: &VolumeRecord) -> Result<VolumeInfo, EngineError> {
+        let snapshots = self.meta.scan(&snapshot_key(&r.name, ""))?.len();
         Ok(VolumeInfo {
             name: r.name.clone(),
             tenant: r.tenant.clone(),
@@ -317,6 +367,11 @@ impl Engine {
             allocated_bytes: self.store.allocated_blocks(r.id)?.saturating_mul(BLOCK),
             created: r.created,
             read_only: r.read_only,
+            origin: r
+                .origin
+                .as_ref()
+                .map(|o| format!("{}@{}", o.volume, o.snapshot)),
+            snapshots,
         })
     }
 
@@ -366,6 +421,7 @@ impl Engine {
             wrapped_key: to_hex(&wrapped),
             created: now(),
             read_only: false,
+            origin: None,
         };
         self.store.create_volume(id)?;
         self.put_record(&key, &record)?;
@@ -419,13 +475,56 @@ impl Engine {
         self.info(&r)
     }
 
+    /// The names of the volumes cloned from a snapshot of volume `id` (from snapshot
+    /// store id `snap` only, when given), sorted.
+    pub(crate) fn clones_of(&self, id: u64, snap: Option<u64>) -> Result<Vec<String>, EngineError> {
+        let volumes: Vec<VolumeRecord> = self.scan_records(VOLUME_PREFIX)?;
+        let mut names: Vec<String> = volumes
+            .into_iter()
+            .filter(|v| {
+                v.origin
+                    .as_ref()
+                    .is_some_and(|o| o.volume_id == id && snap.is_none_or(|s| s == o.snapshot_id))
+            })
+            .map(|v| v.name)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     fn delete_volume_locked(&self, r: &VolumeRecord) -> Result<(), EngineError> {
+        let clones = self.clones_of(r.id, None)?;
+        if !clones.is_empty() {
+            return Err(EngineError::Busy(format!(
+                "volume {} has clones ({}) reading its snapshots; delete them first",
+                r.name,
+                clones.join(", ")
+            )));
+        }
         self.meta.delete(&format!("{VOLUME_PREFIX}{}", r.name))?;
-        if let Some(v) = self.open.write().remove(&r.name) {
-            v.mark_deleted();
+        let snapshots = self.meta.scan(&snapshot_key(&r.name, ""))?;
+        {
+            let mut open = self.open.write();
+            if let Some(v) = open.remove(&r.name) {
+                v.mark_deleted();
+            }
+            let views: Vec<String> = open
+                .keys()
+                .filter(|k| split_snapshot_ref(k).is_some_and(|(vol, _)| vol == r.name))
+                .cloned()
+                .collect();
+            for view in views {
+                if let Some(v) = open.remove(&view) {
+                    v.mark_deleted();
+                }
+            }
         }
         VersionCounter::remove(self.meta.as_ref(), r.id)?;
         self.store.delete_volume(r.id)?;
+        // The store dropped the snapshots with the volume; their records follow.
+        for (key, _) in snapshots {
+            self.meta.delete(&key)?;
+        }
         tracing::info!(volume = %r.name, "volume deleted");
         Ok(())
     }
@@ -437,7 +536,7 @@ impl Engine {
         self.delete_volume_locked(&r)
     }
 
-    fn unwrap_tenant_key(&self, t: &TenantRecord) -> Result<SecretKey, EngineError> {
+    pub(crate) fn unwrap_tenant_key(&self, t: &TenantRecord) -> Result<SecretKey, EngineError> {
         let wrapped = from_hex(&t.wrapped_key).ok_or_else(|| EngineError::Malformed {
             key: format!("{TENANT_PREFIX}{}", t.name),
             reason: "wrapped key is not hex".into(),
@@ -460,7 +559,8 @@ impl Engine {
         Ok(tenant_key.unwrap_key(&wrapped, &volume_context(&r.name, r.id))?)
     }
 
-    /// Open a volume for I/O (shared by every connection to it).
+    /// Open a volume for I/O (shared by every connection to it), or, for a name
+    /// `VOLUME@SNAPSHOT`, a read-only view of that snapshot.
     pub fn volume(&self, name: &str) -> Result<Arc<Volume>, EngineError> {
         if let Some(v) = self.open.read().get(name) {
             return Ok(v.clone());
@@ -469,32 +569,91 @@ impl Engine {
         if let Some(v) = self.open.read().get(name) {
             return Ok(v.clone());
         }
-        let r = self.volume_record(name)?;
-        let key = self.volume_key(&r)?;
-        let v = Arc::new(self.open_volume(&r, &key)?);
+        let v = match split_snapshot_ref(name) {
+            None => {
+                let r = self.volume_record(name)?;
+                let key = self.volume_key(&r)?;
+                Arc::new(self.open_volume(&r, &key)?)
+            }
+            Some((volume, snapshot)) => {
+                let r = self.volume_record(volume)?;
+                let snap: SnapshotRecord = self
+                    .get_record(&snapshot_key(volume, snapshot))?
+                    .ok_or_else(|| EngineError::NoSuchSnapshot(name.to_string()))?;
+                Arc::new(self.open_view(&r, &snap)?)
+            }
+        };
         self.open.write().insert(name.to_string(), v.clone());
         Ok(v)
     }
 
-    /// A volume over the store, its blocks sealed and opened with `key`.
-    fn open_volume(&self, r: &VolumeRecord, key: &SecretKey) -> Result<Volume, EngineError> {
-        let versions = VersionCounter::open(self.meta.clone(), r.id)?;
-        let ident = VolumeIdentity {
+    fn identity(r: &VolumeRecord) -> VolumeIdentity {
+        VolumeIdentity {
             name: r.name.clone(),
             id: r.id,
             tenant_id: r.tenant_id,
             class: r.class,
             chunk_size: r.chunk_size,
-        };
-        let v = Volume::new(
-            ident,
+        }
+    }
+
+    /// The ciphers of the volumes a clone reads through to, nearest first (empty for a
+    /// volume that is no clone).
+    fn origin_ciphers(&self, r: &VolumeRecord) -> Result<Vec<(u64, BlockCipher)>, EngineError> {
+        let mut ciphers = Vec::new();
+        let mut next = r.origin.clone();
+        while let Some(origin) = next {
+            if ciphers.len() > 64 {
+                return Err(EngineError::Malformed {
+                    key: format!("{VOLUME_PREFIX}{}", r.name),
+                    reason: "clone origins form a chain longer than 64".into(),
+                });
+            }
+            let o = self.volume_record(&origin.volume)?;
+            if o.id != origin.volume_id {
+                return Err(EngineError::Malformed {
+                    key: format!("{VOLUME_PREFIX}{}", r.name),
+                    reason: format!("origin volume {} has another id", origin.volume),
+                });
+            }
+            ciphers.push((o.id, BlockCipher::new(&self.volume_key(&o)?)));
+            next = o.origin.clone();
+        }
+        Ok(ciphers)
+    }
+
+    /// A volume over the store, its blocks sealed and opened with `key` (and, for a
+    /// clone, the blocks it reads through to opened with its origins' keys).
+    fn open_volume(&self, r: &VolumeRecord, key: &SecretKey) -> Result<Volume, EngineError> {
+        let versions = VersionCounter::open(self.meta.clone(), r.id)?;
+        let mut ciphers = vec![(r.id, BlockCipher::new(key))];
+        ciphers.extend(self.origin_ciphers(r)?);
+        let v = Volume::with_sources(
+            Self::identity(r),
             r.size,
             self.store.clone(),
-            BlockCipher::new(key),
-            versions,
+            ciphers,
+            Some(versions),
+            None,
         );
         v.set_read_only(r.read_only);
         Ok(v)
+    }
+
+    /// A read-only view of snapshot `snap` of volume `r`, exported as `VOLUME@NAME`.
+    fn open_view(&self, r: &VolumeRecord, snap: &SnapshotRecord) -> Result<Volume, EngineError> {
+        let mut ident = Self::identity(r);
+        ident.name = format!("{}@{}", r.name, snap.name);
+        let mut ciphers = vec![(r.id, BlockCipher::new(&self.volume_key(r)?))];
+        ciphers.extend(self.origin_ciphers(r)?);
+        Ok(Volume::with_sources(
+            ident,
+            snap.size,
+            self.store.clone(),
+            ciphers,
+            None,
+            Some(snap.id),
+        ))
     }
 
     /// Test hook: a volume opened with another volume's key, to prove that one

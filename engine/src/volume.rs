@@ -7,10 +7,10 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
-use replica::{BLOCK_SIZE, Block, BlockMeta, BlockWrite, Store, StoreError};
+use replica::{BLOCK_SIZE, Block, BlockMeta, BlockWrite, SnapId, Store, StoreError};
 
 use crate::catalog::{MetaError, StorageClass};
 use crate::crypto::{BlockAddress, BlockCipher};
@@ -77,6 +77,19 @@ pub enum VolumeError {
     /// The volume is read-only.
     #[error("volume {0} is read-only")]
     ReadOnly(String),
+    /// A block was stored under a volume whose key this one does not hold (a clone
+    /// whose origin chain does not match the store's).
+    #[error(
+        "volume {volume} block {block}: stored under volume {source_id:016x}, whose key it does not hold"
+    )]
+    UnknownSource {
+        /// Volume name.
+        volume: String,
+        /// Block index.
+        block: u64,
+        /// The volume the store says holds the block.
+        source_id: u64,
+    },
 }
 
 /// A piece of a read: data, or a run of zeros (unallocated).
@@ -112,17 +125,36 @@ pub struct VolumeIdentity {
     pub chunk_size: u64,
 }
 
-/// An open volume.
+/// An open volume: the live volume, or a read-only view of one of its snapshots.
 #[derive(Debug)]
 pub struct Volume {
     ident: VolumeIdentity,
     size: AtomicU64,
     store: Arc<Store>,
-    cipher: BlockCipher,
-    versions: VersionCounter,
+    /// The ciphers of the volume (first) and of the origins a clone reads through to,
+    /// by store volume id.
+    ciphers: Vec<(u64, BlockCipher)>,
+    /// Block versions for new writes; `None` for a snapshot view.
+    versions: Option<VersionCounter>,
+    /// The snapshot this view reads (`None`: the live volume).
+    view: Option<SnapId>,
     locks: RangeLock,
     deleted: AtomicBool,
     read_only: AtomicBool,
+    /// NBD connections attached for writing.
+    writers: AtomicUsize,
+}
+
+/// Counts one writable attachment of a volume until dropped.
+#[derive(Debug)]
+pub struct WriterGuard {
+    volume: Arc<Volume>,
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.volume.writers.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Volume {
@@ -134,16 +166,57 @@ impl Volume {
         cipher: BlockCipher,
         versions: VersionCounter,
     ) -> Self {
+        let id = ident.id;
+        Volume::with_sources(ident, size, store, vec![(id, cipher)], Some(versions), None)
+    }
+
+    /// A volume whose blocks may be stored under other volumes (a clone's origins:
+    /// `ciphers` holds each source's cipher, its own first), or a snapshot view
+    /// (`view`, with no version counter: it is read-only).
+    pub fn with_sources(
+        ident: VolumeIdentity,
+        size: u64,
+        store: Arc<Store>,
+        ciphers: Vec<(u64, BlockCipher)>,
+        versions: Option<VersionCounter>,
+        view: Option<SnapId>,
+    ) -> Self {
+        let read_only = versions.is_none() || view.is_some();
         Volume {
             ident,
             size: AtomicU64::new(size),
             store,
-            cipher,
+            ciphers,
             versions,
+            view,
             locks: RangeLock::default(),
             deleted: AtomicBool::new(false),
-            read_only: AtomicBool::new(false),
+            read_only: AtomicBool::new(read_only),
+            writers: AtomicUsize::new(0),
         }
+    }
+
+    /// The snapshot this view reads, `None` for the live volume.
+    pub fn snapshot(&self) -> Option<SnapId> {
+        self.view
+    }
+
+    /// Counts a writable attachment (an NBD connection) until the guard is dropped.
+    pub fn attach_writer(self: &Arc<Self>) -> WriterGuard {
+        self.writers.fetch_add(1, Ordering::AcqRel);
+        WriterGuard {
+            volume: Arc::clone(self),
+        }
+    }
+
+    /// Writable attachments now.
+    pub fn writers(&self) -> usize {
+        self.writers.load(Ordering::Acquire)
+    }
+
+    /// Holds every block of the volume: writes, trims and zeroing wait until dropped.
+    pub(crate) async fn lock_all(&self) -> crate::range_lock::RangeGuard<'_> {
+        self.locks.lock(0..u64::MAX).await
     }
 
     /// Name.
@@ -171,7 +244,9 @@ impl Volume {
     }
 
     pub(crate) fn set_read_only(&self, read_only: bool) {
-        self.read_only.store(read_only, Ordering::Release);
+        // A snapshot view stays read-only whatever its volume's setting.
+        let frozen = self.versions.is_none() || self.view.is_some();
+        self.read_only.store(read_only || frozen, Ordering::Release);
     }
 
     /// Refuse changes to a read-only volume.
@@ -217,6 +292,10 @@ impl Volume {
                 volume: self.ident.name.clone(),
                 block,
             },
+            // The snapshot a view reads was deleted.
+            StoreError::NoSuchSnapshot { .. } | StoreError::NoSuchVolume(_) => {
+                VolumeError::Deleted(self.ident.name.clone())
+            }
             source => VolumeError::Store {
                 volume: self.ident.name.clone(),
                 source,
@@ -224,23 +303,35 @@ impl Volume {
         }
     }
 
-    /// Decrypt a stored block in place, verifying its tag.
+    /// Decrypt a block stored under volume `source` in place, verifying its tag.
     fn open_block(
         &self,
+        source: u64,
         block: u64,
         meta: &BlockMeta,
         data: &mut Block,
     ) -> Result<(), VolumeError> {
-        self.cipher
-            .open(&self.addr(block, meta.version), &mut data.0, &meta.tag)
-            .map_err(|_| {
-                tracing::error!(volume = %self.ident.name, block, version = meta.version,
+        let Some((_, cipher)) = self.ciphers.iter().find(|(id, _)| *id == source) else {
+            tracing::error!(volume = %self.ident.name, block, source = format_args!("{source:016x}"),
+                "block stored under a volume outside this volume's origin chain; returning EIO");
+            return Err(VolumeError::UnknownSource {
+                volume: self.ident.name.clone(),
+                block,
+                source_id: source,
+            });
+        };
+        let addr = BlockAddress {
+            volume: source,
+            ..self.addr(block, meta.version)
+        };
+        cipher.open(&addr, &mut data.0, &meta.tag).map_err(|_| {
+            tracing::error!(volume = %self.ident.name, block, version = meta.version,
                 "block failed authentication: wrong key or altered data; returning EIO");
-                VolumeError::Authentication {
-                    volume: self.ident.name.clone(),
-                    block,
-                }
-            })
+            VolumeError::Authentication {
+                volume: self.ident.name.clone(),
+                block,
+            }
+        })
     }
 
     /// Read `len` bytes at `offset`.
@@ -249,7 +340,7 @@ impl Volume {
         let end = offset + len;
         let stored = self
             .store
-            .read_blocks(self.ident.id, blocks.clone())
+            .read_blocks_at(self.ident.id, self.view, blocks.clone())
             .await
             .map_err(|e| self.store_err(e))?;
         let mut out: Vec<Segment> = Vec::new();
@@ -267,8 +358,9 @@ impl Volume {
                     }
                     zeros += hi - lo;
                 }
-                Some((meta, mut buf)) => {
-                    self.open_block(block, &meta, &mut buf)?;
+                Some(mut found) => {
+                    self.open_block(found.source, block, &found.meta, &mut found.data)?;
+                    let buf = found.data;
                     if zeros > 0 {
                         out.push(Segment::Zero(zeros));
                         zeros = 0;
@@ -288,16 +380,18 @@ impl Volume {
 
     /// The current plaintext of one block, or None when unallocated.
     async fn read_plain(&self, block: u64) -> Result<Option<Box<Block>>, VolumeError> {
-        match self
+        let found = self
             .store
-            .read_block(self.ident.id, block)
+            .read_blocks_at(self.ident.id, self.view, block..block + 1)
             .await
             .map_err(|e| self.store_err(e))?
-        {
+            .pop()
+            .flatten();
+        match found {
             None => Ok(None),
-            Some((meta, mut buf)) => {
-                self.open_block(block, &meta, &mut buf)?;
-                Ok(Some(buf))
+            Some(mut found) => {
+                self.open_block(found.source, block, &found.meta, &mut found.data)?;
+                Ok(Some(found.data))
             }
         }
     }
@@ -305,7 +399,10 @@ impl Volume {
     /// Encrypt plaintext blocks (in place) into store writes with fresh versions.
     fn seal(&self, blocks: Vec<(u64, Box<Block>)>) -> Result<Vec<BlockWrite>, VolumeError> {
         let n = u64::try_from(blocks.len()).unwrap_or(u64::MAX);
-        let first = self.versions.take(n).map_err(|source| VolumeError::Meta {
+        let (Some(versions), Some((_, cipher))) = (&self.versions, self.ciphers.first()) else {
+            return Err(VolumeError::ReadOnly(self.ident.name.clone()));
+        };
+        let first = versions.take(n).map_err(|source| VolumeError::Meta {
             volume: self.ident.name.clone(),
             source,
         })?;
@@ -313,7 +410,7 @@ impl Volume {
             .into_iter()
             .zip(first..)
             .map(|((block, mut data), version)| {
-                let tag = self.cipher.seal(&self.addr(block, version), &mut data.0);
+                let tag = cipher.seal(&self.addr(block, version), &mut data.0);
                 let crc = crc32fast::hash(&data.0);
                 BlockWrite {
                     block,
@@ -463,7 +560,7 @@ impl Volume {
         let end = offset + len;
         let runs = self
             .store
-            .extents(self.ident.id, blocks)
+            .extents_at(self.ident.id, self.view, blocks)
             .map_err(|e| self.store_err(e))?;
         let mut out: Vec<ByteExtent> = Vec::with_capacity(runs.len());
         for run in runs {

@@ -8,12 +8,19 @@
 //! POST   /v1/volumes/{name}/resize   {"size"} -> VolumeInfo
 //! POST   /v1/volumes/{name}/read-only {"read_only": bool} -> VolumeInfo
 //! DELETE /v1/volumes/{name}
+//! GET    /v1/snapshots               [SnapshotInfo] (every volume's)
+//! GET    /v1/volumes/{name}/snapshots [SnapshotInfo]
+//! POST   /v1/volumes/{name}/snapshots {"name"} -> SnapshotInfo
+//! DELETE /v1/volumes/{name}/snapshots/{snap} -> {"freed_bytes"}
+//! POST   /v1/volumes/{name}/snapshots/{snap}/rollback {"force"?} -> RollbackInfo
+//! POST   /v1/volumes/{name}/snapshots/{snap}/clone {"name","tenant"?} -> VolumeInfo
 //! GET    /v1/tenants                 [TenantInfo]
 //! POST   /v1/tenants                 {"name"} -> TenantInfo
 //! DELETE /v1/tenants/{name}          {"deleted_volumes": [...]}
 //! ```
 //! Errors are `{"error": "one line"}` with 400 (invalid), 404 (unknown name),
-//! 409 (name taken), 501 (not available here) or 500.
+//! 409 (name taken, or refused in the current state: attached, has clones), 501 (not
+//! available here) or 500.
 
 use std::sync::Arc;
 
@@ -44,8 +51,13 @@ pub struct ApiError(StatusCode, String);
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let status = match &e {
-            EngineError::NoSuchVolume(_) | EngineError::NoSuchTenant(_) => StatusCode::NOT_FOUND,
-            EngineError::VolumeExists(_) | EngineError::TenantExists(_) => StatusCode::CONFLICT,
+            EngineError::NoSuchVolume(_)
+            | EngineError::NoSuchTenant(_)
+            | EngineError::NoSuchSnapshot(_) => StatusCode::NOT_FOUND,
+            EngineError::VolumeExists(_)
+            | EngineError::TenantExists(_)
+            | EngineError::SnapshotExists(_)
+            | EngineError::Busy(_) => StatusCode::CONFLICT,
             EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
             EngineError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             _ => {
@@ -109,6 +121,23 @@ struct ReadOnly {
 #[derive(Debug, Deserialize)]
 struct CreateTenant {
     name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateSnapshot {
+    name: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Rollback {
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct CloneVolume {
+    name: String,
+    tenant: Option<String>,
 }
 
 async fn health(State(s): State<AdminState>) -> ApiResult {
@@ -192,6 +221,58 @@ async fn delete_tenant(State(s): State<AdminState>, Path(name): Path<String>) ->
     ok(StatusCode::OK, json!({ "deleted_volumes": deleted }))
 }
 
+async fn list_all_snapshots(State(s): State<AdminState>) -> ApiResult {
+    ok(
+        StatusCode::OK,
+        blocking(&s, |e| e.list_snapshots(None)).await?,
+    )
+}
+
+async fn list_snapshots(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {
+    ok(
+        StatusCode::OK,
+        blocking(&s, move |e| e.list_snapshots(Some(&name))).await?,
+    )
+}
+
+async fn create_snapshot(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Json(req): Json<CreateSnapshot>,
+) -> ApiResult {
+    let info = s.engine.create_snapshot(&name, &req.name).await?;
+    ok(StatusCode::CREATED, info)
+}
+
+async fn delete_snapshot(
+    State(s): State<AdminState>,
+    Path((name, snap)): Path<(String, String)>,
+) -> ApiResult {
+    let freed = s.engine.delete_snapshot(&name, &snap).await?;
+    ok(StatusCode::OK, json!({ "freed_bytes": freed }))
+}
+
+async fn rollback_snapshot(
+    State(s): State<AdminState>,
+    Path((name, snap)): Path<(String, String)>,
+    Json(req): Json<Rollback>,
+) -> ApiResult {
+    let info = s.engine.rollback_snapshot(&name, &snap, req.force).await?;
+    ok(StatusCode::OK, info)
+}
+
+async fn clone_volume(
+    State(s): State<AdminState>,
+    Path((name, snap)): Path<(String, String)>,
+    Json(req): Json<CloneVolume>,
+) -> ApiResult {
+    let info = s
+        .engine
+        .clone_volume(&format!("{name}@{snap}"), &req.name, req.tenant.as_deref())
+        .await?;
+    ok(StatusCode::CREATED, info)
+}
+
 /// The admin API's routes.
 pub fn router(state: AdminState) -> Router {
     Router::new()
@@ -200,6 +281,23 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/read-only", post(set_read_only))
+        .route("/v1/snapshots", get(list_all_snapshots))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}/rollback",
+            post(rollback_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}/clone",
+            post(clone_volume),
+        )
         .route("/v1/tenants", get(list_tenants).post(create_tenant))
         .route("/v1/tenants/{name}", axum::routing::delete(delete_tenant))
         .with_state(state)

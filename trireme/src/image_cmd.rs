@@ -48,7 +48,7 @@ pub struct ImportArgs {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// The volume to export.
+    /// The volume to export, or one of its snapshots as VOLUME@SNAPSHOT.
     name: String,
     /// The file to write (created; refused if it exists).
     file: PathBuf,
@@ -251,7 +251,11 @@ fn copy_into_volume(
 }
 
 pub fn export(dir: &crate::cluster::ClusterDir, args: ExportArgs) -> Result<()> {
-    path_segment(&args.name)?;
+    if args.name.contains('@') {
+        engine::parse_snapshot_ref(&args.name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    } else {
+        path_segment(&args.name)?;
+    }
     let qcow2 = match args.format.as_str() {
         "raw" => false,
         "qcow2" => true,

@@ -8,6 +8,7 @@ mod dev;
 mod image_cmd;
 mod nbd_export;
 mod node;
+mod snapshot_cmd;
 mod volume_cmd;
 
 use std::path::PathBuf;
@@ -44,9 +45,12 @@ enum Command {
     /// Run one storage node in the foreground.
     #[command(subcommand)]
     Node(NodeCommand),
-    /// Create, list, inspect, resize and delete volumes.
+    /// Create, list, inspect, resize, clone and delete volumes.
     #[command(subcommand)]
     Volume(volume_cmd::VolumeCommand),
+    /// Create, list, delete and roll back to snapshots of volumes.
+    #[command(subcommand)]
+    Snapshot(snapshot_cmd::SnapshotCommand),
     /// Create, list and delete tenants (each has its own encryption key).
     #[command(subcommand)]
     Tenant(volume_cmd::TenantCommand),
@@ -107,6 +111,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Cluster(cmd) => cluster_cmd::run(&dir, cmd),
         Command::Volume(cmd) => volume_cmd::volume(&dir, cmd),
+        Command::Snapshot(cmd) => snapshot_cmd::snapshot(&dir, cmd),
         Command::Tenant(cmd) => volume_cmd::tenant(&dir, cmd),
     }
 }

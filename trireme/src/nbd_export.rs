@@ -4,13 +4,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use engine::{Engine, EngineError, Segment, Volume, VolumeError};
+use engine::{Engine, EngineError, Segment, Volume, VolumeError, WriterGuard};
 use nbd_server::{
     Catalog, Export, ExportError, ExportHandle, ExportSummary, Extent, ReadSegment, STATE_HOLE,
     STATE_ZERO,
 };
 
-/// Every volume of the node, exported under its name.
+/// Every volume of the node, exported under its name, and every snapshot, exported
+/// read-only as `VOLUME@SNAPSHOT`.
 #[derive(Debug)]
 pub struct VolumeCatalog {
     engine: Arc<Engine>,
@@ -25,7 +26,7 @@ impl VolumeCatalog {
 
 impl Catalog for VolumeCatalog {
     fn list(&self) -> Vec<ExportSummary> {
-        match self.engine.list_volumes() {
+        let mut exports: Vec<ExportSummary> = match self.engine.list_volumes() {
             Ok(vols) => vols
                 .into_iter()
                 .map(|v| ExportSummary {
@@ -37,17 +38,37 @@ impl Catalog for VolumeCatalog {
                 tracing::error!(error = %e, "listing volumes for NBD_OPT_LIST");
                 Vec::new()
             }
+        };
+        match self.engine.list_snapshots(None) {
+            Ok(snaps) => exports.extend(snaps.into_iter().map(|s| ExportSummary {
+                description: format!("trireme snapshot of volume {} (read-only)", s.volume),
+                name: format!("{}@{}", s.volume, s.name),
+            })),
+            Err(e) => tracing::error!(error = %e, "listing snapshots for NBD_OPT_LIST"),
         }
+        exports
     }
 
     fn open(&self, name: &str) -> Option<ExportHandle> {
         match self.engine.volume(name) {
-            Ok(volume) => Some(ExportHandle {
-                name: name.to_string(),
-                description: format!("trireme volume {name}"),
-                export: Arc::new(VolumeExport { volume }),
-            }),
-            Err(EngineError::NoSuchVolume(_)) => None,
+            Ok(volume) => {
+                // A writable export counts as attached for writing while it is open
+                // (a rollback is refused meanwhile unless forced).
+                let writer = (!volume.read_only()).then(|| volume.attach_writer());
+                let description = match volume.snapshot() {
+                    Some(_) => format!("trireme snapshot {name} (read-only)"),
+                    None => format!("trireme volume {name}"),
+                };
+                Some(ExportHandle {
+                    name: name.to_string(),
+                    description,
+                    export: Arc::new(VolumeExport {
+                        volume,
+                        _writer: writer,
+                    }),
+                })
+            }
+            Err(EngineError::NoSuchVolume(_) | EngineError::NoSuchSnapshot(_)) => None,
             Err(e) => {
                 tracing::error!(volume = name, error = %e, "opening volume for NBD");
                 None
@@ -60,6 +81,8 @@ impl Catalog for VolumeCatalog {
 #[derive(Debug)]
 pub struct VolumeExport {
     volume: Arc<Volume>,
+    /// Held while a writable export is open.
+    _writer: Option<WriterGuard>,
 }
 
 fn nbd_error(e: VolumeError) -> ExportError {

@@ -75,6 +75,10 @@ pub fn run(config_path: &Path) -> Result<()> {
 }
 
 async fn serve(cfg: NodeConfig, config_path: &Path, engine: Arc<Engine>) -> Result<()> {
+    engine
+        .reconcile()
+        .await
+        .context("reconciling the catalog with the block store")?;
     let tls = tls_config(&cfg)?;
     let nbd_config = Arc::new(ServerConfig {
         tls: match tls {

@@ -63,7 +63,18 @@ pub enum VolumeCommand {
     Import(crate::image_cmd::ImportArgs),
     /// Copy a volume into a file: raw or qcow2, both sparse.
     Export(crate::image_cmd::ExportArgs),
-    /// Delete a volume and its data.
+    /// Create a volume as a clone of a snapshot: instant, it shares every block it
+    /// does not write with the snapshot. It stays in the snapshot's tenant.
+    Clone {
+        /// The snapshot, VOLUME@SNAPSHOT.
+        source: String,
+        /// Name of the new volume.
+        name: String,
+        /// Must be the origin's tenant if given (cross-tenant clones are refused).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Delete a volume with its snapshots and data (refused while it has clones).
     Delete {
         /// Volume name.
         name: String,
@@ -133,7 +144,7 @@ pub fn human(bytes: u64) -> String {
     format!("{}.{} {}", tenths / 10, tenths % 10, UNITS[unit])
 }
 
-fn print_json(v: &Value) -> Result<()> {
+pub(crate) fn print_json(v: &Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -142,7 +153,7 @@ pub(crate) fn field<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
-fn num(v: &Value, k: &str) -> u64 {
+pub(crate) fn num(v: &Value, k: &str) -> u64 {
     v.get(k).and_then(Value::as_u64).unwrap_or(0)
 }
 
@@ -166,6 +177,10 @@ fn print_volume(v: &Value) {
         human(num(v, "allocated_bytes")),
         num(v, "allocated_bytes")
     );
+    if let Some(origin) = v.get("origin").and_then(Value::as_str) {
+        println!("clone of:    {origin}");
+    }
+    println!("snapshots:   {}", num(v, "snapshots"));
     println!("chunk size:  {}", human(num(v, "chunk_size")));
     println!("block size:  {}", human(num(v, "block_size")));
     println!("export:      {}", field(v, "nbd_uri"));
@@ -250,6 +265,11 @@ pub fn volume(dir: &ClusterDir, cmd: VolumeCommand) -> Result<()> {
         }
         VolumeCommand::Import(args) => return crate::image_cmd::import(dir, args),
         VolumeCommand::Export(args) => return crate::image_cmd::export(dir, args),
+        VolumeCommand::Clone {
+            source,
+            name,
+            tenant,
+        } => return crate::snapshot_cmd::clone(dir, &source, &name, tenant.as_deref()),
         VolumeCommand::Delete { name } => {
             client(dir)?.delete(&format!("/v1/volumes/{}", path_segment(&name)?))?;
             println!("deleted volume {name}");

@@ -1113,6 +1113,9 @@ impl Store {
             runs: runs.clone(),
         };
 
+        if let Some(end) = runs.iter().map(SlotRun::end).max() {
+            volume.file.preallocate(end);
+        }
         // Blocks go to the reserved slots in order, one part per run of slots.
         let fd = volume.file.fd();
         let mut placed = Vec::with_capacity(writes.len());

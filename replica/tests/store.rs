@@ -467,3 +467,56 @@ async fn meta_records() {
     assert_eq!(ok(store.get_meta("tenant/a")), None);
     assert_eq!(ok(store.scan_meta("volume/")).len(), 1);
 }
+
+/// A fresh volume's data file is preallocated ahead of its writes (so direct writes
+/// never extend the file), in steps that grow with it, and cut back to the slots in
+/// use when the store is opened again.
+#[tokio::test]
+async fn data_files_grow_ahead_of_writes_and_are_cut_back_at_open() {
+    let dir = tempdir();
+    let path;
+    {
+        let store = open(dir.path());
+        ok(store.create_volume(VOL));
+        path = store.data_file_path(VOL);
+        ok(store.write_blocks(VOL, vec![write(0, 1)]).await);
+        let size = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        // The first write makes room for 1 MiB (256 slots).
+        assert_eq!(size(), 256 * 4096);
+        ok(store
+            .write_blocks(VOL, (1..256).map(|b| write(b, 1)).collect())
+            .await);
+        assert_eq!(size(), 256 * 4096, "256 slots fit in the first step");
+        ok(store.write_blocks(VOL, vec![write(256, 1)]).await);
+        assert_eq!(size(), 512 * 4096, "then it grows by at least 1 MiB");
+        // Large batches grow it by a quarter of its size, or what they need.
+        for round in 0..8u64 {
+            let first = 257 + round * 1024;
+            ok(store
+                .write_blocks(VOL, (first..first + 1024).map(|b| write(b, 1)).collect())
+                .await);
+        }
+        let slots = 257 + 8 * 1024;
+        assert!(size() >= slots * 4096);
+        assert!(
+            size() <= slots * 4096 * 5 / 4 + 256 * 4096,
+            "size {}",
+            size()
+        );
+        ok(store.sync().await);
+        let blocks = ok(store.read_blocks(VOL, 0..1024).await);
+        for (b, found) in (0u64..).zip(&blocks) {
+            assert_block(found.as_ref(), b, 1);
+        }
+    }
+    let store = open(dir.path());
+    let slots = 257 + 8 * 1024;
+    assert_eq!(
+        std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+        slots * 4096
+    );
+    let blocks = ok(store.read_blocks(VOL, slots - 1024..slots).await);
+    for (b, found) in (slots - 1024..).zip(&blocks) {
+        assert_block(found.as_ref(), b, 1);
+    }
+}

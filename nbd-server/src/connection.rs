@@ -199,7 +199,6 @@ async fn transmit(
     let byte_budget = Arc::new(Semaphore::new(config.max_inflight_bytes));
     let budget_max = u32::try_from(config.max_inflight_bytes).unwrap_or(u32::MAX);
     let mut tasks = JoinSet::new();
-    let mut buf = vec![0u8; READ_CHUNK];
 
     let end = loop {
         while let Some(done) = tasks.try_join_next() {
@@ -279,8 +278,10 @@ async fn transmit(
             Some(ParseEvent::Disconnect) => break End::Disconnect,
             Some(ParseEvent::Violation(v)) => break End::Violation(v),
             None => {
+                // Straight into the parser's buffer: a write's payload is read once
+                // and handed to the export as it is.
                 let n = tokio::select! {
-                    r = reader.read(&mut buf) => match r {
+                    r = reader.read_buf(parser.read_buffer(READ_CHUNK)) => match r {
                         Ok(n) => n,
                         Err(e) => break End::ReadError(e),
                     },
@@ -292,7 +293,6 @@ async fn transmit(
                         truncated: parser.buffered(),
                     };
                 }
-                parser.receive(&buf[..n]);
             }
         }
     };

@@ -122,6 +122,10 @@ pub enum ParseEvent {
     Violation(Violation),
 }
 
+/// Most room [`RequestParser::read_buffer`] reserves for a payload that has not
+/// arrived yet.
+pub const READ_AHEAD_MAX: usize = 4 << 20;
+
 /// A request header waiting for its payload.
 #[derive(Debug, Clone, Copy)]
 struct Header {
@@ -173,6 +177,28 @@ impl RequestParser {
         if !self.finished {
             self.input.extend_from_slice(data);
         }
+    }
+
+    /// The buffer to read the client's next bytes into (appending; for drivers that
+    /// read straight into it rather than calling [`RequestParser::receive`]), with at
+    /// least `chunk` bytes of spare room, and room for the rest of the payload of a
+    /// request whose header has arrived, up to [`READ_AHEAD_MAX`]: a write's data then
+    /// lands in one buffer and is handed on without a copy. The room reserved ahead of
+    /// the data stays bounded, so a client announcing large writes and sending nothing
+    /// holds little memory.
+    pub fn read_buffer(&mut self, chunk: usize) -> &mut BytesMut {
+        if self.finished {
+            self.input.clear();
+        }
+        let rest = self
+            .pending
+            .map_or(0, |h| h.payload.saturating_sub(self.input.len()))
+            .min(READ_AHEAD_MAX);
+        let want = rest.max(chunk);
+        if self.input.capacity() - self.input.len() < want {
+            self.input.reserve(want);
+        }
+        &mut self.input
     }
 
     /// Bytes received but not consumed yet.

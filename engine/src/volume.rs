@@ -455,11 +455,16 @@ impl Volume {
             let lo = offset.max(start);
             let hi = end.min(start + BLOCK);
             let src = &data[usize_of(lo - offset)..usize_of(hi - offset)];
-            let buf = self
-                .patched(block, usize_of(lo - start), usize_of(hi - start), |dst| {
-                    dst.copy_from_slice(src)
-                })
-                .await?;
+            let buf = match <&[u8; BLOCK_SIZE]>::try_from(src) {
+                // A whole block: one copy, nothing to read.
+                Ok(whole) => Block::from_bytes(whole),
+                Err(_) => {
+                    self.patched(block, usize_of(lo - start), usize_of(hi - start), |dst| {
+                        dst.copy_from_slice(src)
+                    })
+                    .await?
+                }
+            };
             plain.push((block, buf));
         }
         let writes = self.seal(plain)?;

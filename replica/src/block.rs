@@ -99,9 +99,18 @@ impl Block {
 
     /// A heap-allocated block holding a copy of `data`.
     pub fn from_bytes(data: &[u8; BLOCK_SIZE]) -> Box<Block> {
-        let mut block = Block::zeroed();
-        block.0.copy_from_slice(data);
-        block
+        let mut boxed = Box::<Block>::new_uninit();
+        // SAFETY: copies all `BLOCK_SIZE` bytes of `data` into the fresh allocation,
+        // which the two do not overlap, fully initialising it (no zeroing first: this
+        // is the write path's one copy of each full block).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                boxed.as_mut_ptr().cast::<u8>(),
+                BLOCK_SIZE,
+            );
+            boxed.assume_init()
+        }
     }
 
     /// CRC32 (IEEE) of the block's bytes, the checksum kept in [`BlockMeta::crc`].

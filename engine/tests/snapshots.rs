@@ -2,36 +2,15 @@
 //! read the right bytes through the right keys, refusals name the cause, and the
 //! catalog and the store agree after a reopen.
 
+mod common;
+
 use trireme_engine as engine;
 
-use engine::crypto::SecretKey;
-use engine::{Engine, EngineError, Segment, StorageClass, VolumeError, VolumeSpec};
-use replica::StoreOptions;
-
-fn engine(dir: &std::path::Path) -> Engine {
-    Engine::open(dir, SecretKey::from_bytes([9; 32]), StoreOptions::default()).unwrap()
-}
-
-fn spec(name: &str, size: u64, tenant: Option<&str>) -> VolumeSpec {
-    VolumeSpec {
-        name: name.into(),
-        size,
-        tenant: tenant.map(Into::into),
-        class: StorageClass::Local,
-        chunk_size: None,
-    }
-}
+use common::{engine, flatten, spec};
+use engine::{Engine, EngineError, VolumeError};
 
 async fn read(e: &Engine, name: &str, offset: u64, len: u64) -> Vec<u8> {
-    let v = e.volume(name).unwrap();
-    let mut out = Vec::new();
-    for s in v.read(offset, len).await.unwrap() {
-        match s {
-            Segment::Data(b) => out.extend_from_slice(&b),
-            Segment::Zero(n) => out.resize(out.len() + usize::try_from(n).unwrap(), 0),
-        }
-    }
-    out
+    flatten(e.volume(name).unwrap().read(offset, len).await.unwrap())
 }
 
 async fn write(e: &Engine, name: &str, offset: u64, byte: u8, len: usize) {

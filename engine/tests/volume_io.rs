@@ -2,36 +2,13 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use trireme_engine as engine;
 
-use engine::crypto::SecretKey;
-use engine::{Engine, Segment, StorageClass, VolumeError, VolumeSpec};
-use replica::{BlockWrite, StoreOptions};
-
-fn engine(dir: &std::path::Path) -> Engine {
-    Engine::open(dir, SecretKey::from_bytes([7; 32]), StoreOptions::default()).unwrap()
-}
-
-fn spec(name: &str, size: u64, tenant: Option<&str>) -> VolumeSpec {
-    VolumeSpec {
-        name: name.into(),
-        size,
-        tenant: tenant.map(Into::into),
-        class: StorageClass::Local,
-        chunk_size: None,
-    }
-}
-
-fn flatten(segs: Vec<Segment>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for s in segs {
-        match s {
-            Segment::Data(b) => out.extend_from_slice(&b),
-            Segment::Zero(n) => out.resize(out.len() + usize::try_from(n).unwrap(), 0),
-        }
-    }
-    out
-}
+use common::{engine, flatten, spec};
+use engine::VolumeError;
+use replica::BlockWrite;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unaligned_io_matches_a_plain_buffer() {

@@ -203,3 +203,28 @@ pub fn samples_dir() -> PathBuf {
         .cloned()
         .unwrap_or_else(|| panic!("sample images not found; looked in {candidates:?}"))
 }
+
+/// `qemu-io -f raw URI -c CMD…`, required to succeed with no pattern mismatch or I/O
+/// error (qemu-io reports both on stdout and still exits 0); returns its stdout.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    qemu_io_with(&[], uri, cmds)
+}
+
+/// The same, opening the export read-only (`-r`), as a snapshot export needs.
+pub fn qemu_io_ro(uri: &str, cmds: &[&str]) -> String {
+    qemu_io_with(&["-r"], uri, cmds)
+}
+
+fn qemu_io_with(flags: &[&str], uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(flags).args(["-f", "raw", uri]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = ok(&mut c);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("error"),
+        "qemu-io {flags:?} {uri} {cmds:?}:\n{out}"
+    );
+    out
+}

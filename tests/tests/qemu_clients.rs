@@ -2,22 +2,7 @@
 
 use std::process::Command;
 
-use trireme_tests::{DevCluster, ok, run};
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = ok(&mut c);
-    // qemu-io reports pattern mismatches and I/O errors on stdout without failing.
-    assert!(
-        !out.contains("Pattern verification failed") && !out.contains("error"),
-        "qemu-io {cmds:?}:\n{out}"
-    );
-    out
-}
+use trireme_tests::{DevCluster, ok, qemu_io, run};
 
 #[test]
 fn qemu_io_patterns_zero_discard_flush_fua_aio() {

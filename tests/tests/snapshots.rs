@@ -8,37 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use trireme_tests::{DevCluster, ok, run, tool};
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = ok(&mut c);
-    // qemu-io reports pattern mismatches and I/O errors on stdout without failing.
-    assert!(
-        !out.contains("Pattern verification failed") && !out.contains("error"),
-        "qemu-io {uri} {cmds:?}:\n{out}"
-    );
-    out
-}
-
-/// Read-only qemu-io (`-r`), for snapshot exports.
-fn qemu_io_ro(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-r", "-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = ok(&mut c);
-    assert!(
-        !out.contains("Pattern verification failed") && !out.contains("error"),
-        "qemu-io -r {uri} {cmds:?}:\n{out}"
-    );
-    out
-}
+use trireme_tests::{DevCluster, ok, qemu_io, qemu_io_ro, run, tool};
 
 fn snapshots_json(c: &DevCluster, volume: Option<&str>) -> Vec<serde_json::Value> {
     let mut args = vec!["snapshot", "list"];

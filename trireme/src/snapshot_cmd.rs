@@ -6,7 +6,7 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 
 use crate::cluster::ClusterDir;
-use crate::volume_cmd::{field, human, node, num, path_segment, print_json};
+use crate::volume_cmd::{comma_list, field, human, node, num, path_segment, print_json, strings};
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -98,24 +98,13 @@ pub fn snapshot(dir: &ClusterDir, cmd: SnapshotCommand) -> Result<()> {
                 "SNAPSHOT", "SIZE", "EXCLUSIVE", "CREATED (UTC)"
             );
             for s in v.as_array().into_iter().flatten() {
-                let clones: Vec<&str> = s
-                    .get("clones")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
                 println!(
                     "{:<36} {:>10} {:>12}  {:<19}  {}",
                     format!("{}@{}", field(s, "volume"), field(s, "name")),
                     human(num(s, "size")),
                     human(num(s, "exclusive_bytes")),
                     created(s),
-                    if clones.is_empty() {
-                        "-".to_string()
-                    } else {
-                        clones.join(",")
-                    }
+                    comma_list(&strings(s, "clones"), "-")
                 );
             }
         }

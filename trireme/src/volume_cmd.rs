@@ -153,6 +153,25 @@ pub(crate) fn field<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
+/// The strings of the array field `k` (none when it is missing).
+pub(crate) fn strings<'a>(v: &'a Value, k: &str) -> Vec<&'a str> {
+    v.get(k)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// `a, b, c`, or `none` for an empty list.
+pub(crate) fn comma_list(items: &[&str], none: &str) -> String {
+    if items.is_empty() {
+        none.to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
 pub(crate) fn num(v: &Value, k: &str) -> u64 {
     v.get(k).and_then(Value::as_u64).unwrap_or(0)
 }
@@ -297,20 +316,9 @@ pub fn tenant(dir: &ClusterDir, cmd: TenantCommand) -> Result<()> {
         }
         TenantCommand::Delete { name } => {
             let v = client(dir)?.delete(&format!("/v1/tenants/{}", path_segment(&name)?))?;
-            let vols: Vec<&str> = v
-                .get("deleted_volumes")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
             println!(
                 "deleted tenant {name} and its key; volumes deleted: {}",
-                if vols.is_empty() {
-                    "none".to_string()
-                } else {
-                    vols.join(", ")
-                }
+                comma_list(&strings(&v, "deleted_volumes"), "none")
             );
         }
     }

@@ -163,7 +163,7 @@ fn tenant_context(name: &str, id: u64) -> String {
     format!("trireme tenant key v1 {id} {name}")
 }
 
-pub(crate) fn volume_context(name: &str, id: u64) -> String {
+fn volume_context(name: &str, id: u64) -> String {
     format!("trireme volume key v1 {id} {name}")
 }
 
@@ -244,7 +244,7 @@ impl Engine {
             .collect()
     }
 
-    pub(crate) fn next_id(&self) -> Result<u64, EngineError> {
+    fn next_id(&self) -> Result<u64, EngineError> {
         let id =
             match self.meta.get(NEXT_ID_KEY)? {
                 None => 1,
@@ -406,10 +406,7 @@ impl Engine {
             None if spec.tenant.is_none() => self.create_tenant_locked(DEFAULT_TENANT)?,
             None => return Err(EngineError::NoSuchTenant(tenant_name.to_string())),
         };
-        let tenant_key = self.unwrap_tenant_key(&tenant)?;
-        let id = self.next_id()?;
-        let volume_key = SecretKey::generate()?;
-        let wrapped = tenant_key.wrap(&volume_key, &volume_context(&spec.name, id))?;
+        let (id, wrapped_key) = self.new_volume_key(&tenant, &spec.name)?;
         let record = VolumeRecord {
             name: spec.name.clone(),
             id,
@@ -418,7 +415,7 @@ impl Engine {
             size: spec.size,
             class: spec.class,
             chunk_size,
-            wrapped_key: to_hex(&wrapped),
+            wrapped_key,
             created: now(),
             read_only: false,
             origin: None,
@@ -536,7 +533,7 @@ impl Engine {
         self.delete_volume_locked(&r)
     }
 
-    pub(crate) fn unwrap_tenant_key(&self, t: &TenantRecord) -> Result<SecretKey, EngineError> {
+    fn unwrap_tenant_key(&self, t: &TenantRecord) -> Result<SecretKey, EngineError> {
         let wrapped = from_hex(&t.wrapped_key).ok_or_else(|| EngineError::Malformed {
             key: format!("{TENANT_PREFIX}{}", t.name),
             reason: "wrapped key is not hex".into(),
@@ -544,6 +541,20 @@ impl Engine {
         Ok(self
             .master
             .unwrap_key(&wrapped, &tenant_context(&t.name, t.id))?)
+    }
+
+    /// A new volume id and a fresh data key for volume `name` of `tenant`, wrapped by
+    /// the tenant key (hex, as the volume record keeps it).
+    pub(crate) fn new_volume_key(
+        &self,
+        tenant: &TenantRecord,
+        name: &str,
+    ) -> Result<(u64, String), EngineError> {
+        let tenant_key = self.unwrap_tenant_key(tenant)?;
+        let id = self.next_id()?;
+        let volume_key = SecretKey::generate()?;
+        let wrapped = tenant_key.wrap(&volume_key, &volume_context(name, id))?;
+        Ok((id, to_hex(&wrapped)))
     }
 
     /// The volume's data key, unwrapped through its tenant key.

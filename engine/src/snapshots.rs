@@ -21,10 +21,9 @@ use serde::Serialize;
 
 use crate::catalog::{
     CloneOrigin, SNAPSHOT_PREFIX, SnapshotRecord, VOLUME_PREFIX, VolumeRecord, snapshot_key,
-    split_snapshot_ref, to_hex, validate_name,
+    split_snapshot_ref, validate_name,
 };
-use crate::crypto::SecretKey;
-use crate::node::{Engine, EngineError, VolumeInfo, now, volume_context};
+use crate::node::{Engine, EngineError, VolumeInfo, now};
 use crate::volume::BLOCK;
 
 /// A snapshot as the admin API shows it.
@@ -316,10 +315,7 @@ impl Engine {
             let tenant = self
                 .tenant(&r.tenant)?
                 .ok_or_else(|| EngineError::NoSuchTenant(r.tenant.clone()))?;
-            let tenant_key = self.unwrap_tenant_key(&tenant)?;
-            let id = self.next_id()?;
-            let key = SecretKey::generate()?;
-            let wrapped = tenant_key.wrap(&key, &volume_context(new, id))?;
+            let (id, wrapped_key) = self.new_volume_key(&tenant, new)?;
             let record = VolumeRecord {
                 name: new.to_string(),
                 id,
@@ -328,7 +324,7 @@ impl Engine {
                 size: snap.size,
                 class: r.class,
                 chunk_size: r.chunk_size,
-                wrapped_key: to_hex(&wrapped),
+                wrapped_key,
                 created: now(),
                 read_only: false,
                 origin: Some(CloneOrigin {

@@ -109,6 +109,8 @@ fn snapshot_exports_rollback_and_delete() {
         !write.status.success() || text.contains("read-only") || text.contains("denied"),
         "a write to a snapshot export was not refused: {text}"
     );
+    // Whatever qemu-io said, the snapshot is unchanged.
+    qemu_io_ro(&snap, &["read -P 0x11 0 1M"]);
     let map: serde_json::Value =
         serde_json::from_str(&ok(Command::new("nbdinfo").args(["--map", "--json", &snap])))
             .expect("nbdinfo --map --json");
